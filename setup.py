@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="sparsemixer_ds",
+    version="0.1.0",
+    description="Expert-parallel MoE pre-training on DeepSpeed with SparseMixer routing",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["sparsemixer_ds", "sparsemixer_ds.*"]),
+    python_requires=">=3.9",
+    # torch: a range that the CPU build 2.13.0 satisfies, so pip never swaps in a CUDA build.
+    # deepspeed: 0.19.4 is the first release whose MOELayer asks gates for sparse routes; the
+    # gate serves the older dense contract too, but the tests run on the 0.19 series.
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.19.4,<0.20",
+        "pyyaml>=6.0",
+    ],
+    extras_require={
+        "mpi": ["mpi4py>=4.0", "openmpi>=5.0"],
+        "test": ["pytest>=8.0"],
+    },
+)

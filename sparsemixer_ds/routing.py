@@ -1,0 +1,112 @@
+"""SparseMixer routing: the gradient estimator in pure PyTorch (no DeepSpeed import).
+
+Shape legend: S tokens, E experts, K routes per token (top_k).
+
+Why an estimator at all. With router probabilities p = softmax(z) and a sampled expert D, a
+Switch-style layer outputs p_D f_D(x). The gradient of the expected loss J = E_D[L(p_D f_D)] is
+
+    dJ/dz = sum_i p_i dL(p_i f_i)/dz          (gating term: flows through p_D, Switch keeps it)
+          + sum_i [L(p_i f_i) - L(0)] dp_i/dz  (routing term: needs every expert, Switch drops it)
+
+SparseMixer (Liu, Gao, Chen 2023, arXiv:2310.00811) writes L(h) - L(0) as the path integral
+int_0^1 L'(t h) h dt and estimates it from the one expert that ran:
+
+- midpoint: the integral at its midpoint, L'(h/2) h. Half of the non-argmax draws run the expert
+  at half scale (c = 1/2) and the router gradient is doubled (s = 2); averaged over the coin this
+  gives the gating term plus the midpoint routing term (SparseMixer, Sec. 4).
+- heun3 (SparseMixer-v2, GRIN: Liu et al. 2024, arXiv:2409.12136): Heun's third-order rule,
+  L(h) - L(0) ~ h [1/4 L'(h) + 3/4 L'(h/3)]: a quarter of the non-argmax draws run at full scale
+  and three quarters at 1/3 scale (c = 1/3), with the plain derivative of p_D (s = 1).
+
+The argmax draw always runs at full scale (c = 1), which keeps the forward pass of the likely
+expert exact (ReinMax, Liu et al. 2023, arXiv:2304.08612, motivates the same trade).
+"""
+from typing import NamedTuple, Tuple
+
+import torch
+
+__all__ = ["sparsemixer", "EstimatorRule", "ESTIMATORS"]
+
+
+class EstimatorRule(NamedTuple):
+    """How one estimator scales the forward value and the backward signal of p_D."""
+    c_low: float  # forward scale of a non-argmax draw that loses the coin
+    q: float  # probability that a non-argmax draw keeps full scale (c = 1)
+    s: float  # factor on the router gradient d p_D / dz
+
+
+ESTIMATORS = {
+    "midpoint": EstimatorRule(c_low=0.5, q=0.5, s=2.0),
+    "heun3": EstimatorRule(c_low=1.0 / 3.0, q=0.25, s=1.0),
+}
+
+
+def _check_args(logits: torch.Tensor, top_k: int, jitter_eps: float, estimator: str) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        seen = (f"shape {tuple(logits.shape)}, dtype {logits.dtype}"
+                if isinstance(logits, torch.Tensor) else type(logits).__name__)
+        raise ValueError(f"logits must be a 2-D floating-point tensor [tokens, experts]; got {seen}")
+    num_experts = logits.shape[1]
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be an integer in 1..{num_experts} (the number of experts); got {top_k!r}")
+    if not isinstance(jitter_eps, (int, float)) or not 0.0 <= float(jitter_eps) < float("inf"):
+        raise ValueError(f"jitter_eps must be a finite number >= 0 (the paper uses 0.1); got {jitter_eps!r}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}; got {estimator!r}")
+
+
+def sparsemixer(logits: torch.Tensor,
+                top_k: int = 1,
+                jitter_eps: float = 0.1,
+                training: bool = True,
+                estimator: str = "midpoint") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pick top_k experts per token and return their SparseMixer weights.
+
+    Args:
+        logits: router logits, [S, E], any float dtype; never modified.
+        top_k: experts per token, sampled without replacement (1..E).
+        jitter_eps: experts that multiplicative jitter U(1 - eps, 1 + eps) could never make the
+            winner are masked before the softmax: (m - z_i) / max(|z_i|, m) > 2 eps, m the max.
+        training: sample D ~ p and apply the estimator's forward scale; else D = argmax, c = 1.
+        estimator: "midpoint" (SparseMixer) or "heun3" (SparseMixer-v2 / GRIN).
+
+    Returns:
+        experts_SK: int64 [S, K], the chosen experts, round by round.
+        weights_SK: float32 [S, K], forward value c * p_D of each round's masked softmax; its
+            gradient to the logits is s * g * p_D * (onehot(D) - p), whatever c was.
+    """
+    _check_args(logits, top_k, jitter_eps, estimator)
+    rule = ESTIMATORS[estimator]
+    scores_SE = logits.float()  # router maths in float32; an out-of-place copy unless already fp32
+    neg_inf = float("-inf")
+    experts, weights = [], []
+    for _ in range(top_k):
+        if experts:  # experts picked in earlier rounds leave the race
+            scores_SE = scores_SE.scatter(1, experts[-1].unsqueeze(1), neg_inf)
+        with torch.no_grad():
+            detached_SE = scores_SE.detach()
+            max_S1 = detached_SE.max(dim=1, keepdim=True).values
+            # (m - z) / max(|z|, m) > 2 eps, written without the division: the denominator is
+            # zero only where m = z = 0, which must not be masked; excluded -inf entries compare
+            # inf > inf (false) and stay excluded through the -inf already in their place.
+            jitter_mask_SE = (max_S1 - detached_SE) > (2.0 * jitter_eps) * torch.maximum(detached_SE.abs(), max_S1)
+        probs_SE = torch.softmax(scores_SE.masked_fill(jitter_mask_SE, neg_inf), dim=1)
+        with torch.no_grad():
+            probs_detached = probs_SE.detach()
+            argmax_S = probs_detached.argmax(dim=1)
+            if training:
+                # Gumbel-max in probability space: argmax p_i / X_i with X_i ~ Exp(1) is
+                # argmax log p_i + Gumbel_i, and masked experts (p_i = 0) can never win.
+                noise_SE = torch.empty_like(probs_detached).exponential_().clamp_min_(torch.finfo(torch.float32).tiny)
+                chosen_S = (probs_detached / noise_SE).argmax(dim=1)
+                keep_full_S = (chosen_S == argmax_S) | (torch.rand_like(probs_detached[:, 0]) < rule.q)
+                scale_S = torch.where(keep_full_S, 1.0, rule.c_low)
+            else:
+                chosen_S = argmax_S
+                scale_S = torch.ones_like(probs_detached[:, 0])
+        p_chosen_S = probs_SE.gather(1, chosen_S.unsqueeze(1)).squeeze(1)
+        # Forward value c * p_D; gradient s * d p_D / dz (the detached parts carry no gradient).
+        p_const_S = p_chosen_S.detach()
+        weights.append(scale_S * p_const_S + rule.s * (p_chosen_S - p_const_S))
+        experts.append(chosen_S)
+    return torch.stack(experts, dim=1), torch.stack(weights, dim=1)

@@ -1,0 +1,181 @@
+"""The estimator against its specification, with an independent float64 reference of each round."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sparsemixer_ds import sparsemixer
+from sparsemixer_ds.routing import ESTIMATORS
+
+# Upper 0.1% points of the chi-square distribution (standard tables), by degrees of freedom.
+CHI2_999 = {3: 16.266, 5: 20.515, 11: 31.264, 19: 43.820}
+
+
+def reference_probs(z_row, excluded, eps):
+    """The masked softmax of one round, written out element by element in float64."""
+    z = np.asarray(z_row, dtype=np.float64)
+    live = [i for i in range(len(z)) if i not in excluded]
+    m = max(z[i] for i in live)
+    kept = []
+    for i in live:
+        gap, scale = m - z[i], max(abs(z[i]), m)
+        if not (scale > 0 and gap / scale > 2 * eps):
+            kept.append(i)
+    p = np.zeros(len(z))
+    total = sum(math.exp(z[i] - m) for i in kept)
+    for i in kept:
+        p[i] = math.exp(z[i] - m) / total
+    return p
+
+
+def reference_round_probs(logits, experts, eps):
+    """p for every token and round, given the experts picked in earlier rounds: [S, K, E]."""
+    z = logits.detach().double().numpy()
+    out = np.zeros((z.shape[0], experts.shape[1], z.shape[1]))
+    for s in range(z.shape[0]):
+        for j in range(experts.shape[1]):
+            out[s, j] = reference_probs(z[s], set(experts[s, :j].tolist()), eps)
+    return out
+
+
+def expected_grad(logits, experts, upstream, eps, s):
+    """s * g * p_D * (onehot(D) - p), summed over rounds."""
+    probs = reference_round_probs(logits, experts, eps)
+    grad = np.zeros(logits.shape)
+    for tok in range(logits.shape[0]):
+        for j in range(experts.shape[1]):
+            p = probs[tok, j]
+            d = int(experts[tok, j])
+            onehot = np.eye(logits.shape[1])[d]
+            grad[tok] += s * float(upstream[tok, j]) * p[d] * (onehot - p)
+    return grad
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_samples_follow_p(top_k):
+    # Close logits, so nothing is masked and every expert (or pair) is drawn often enough.
+    row = torch.tensor([0.9, 1.0, 0.95, 0.85])
+    tokens = 40000
+    torch.manual_seed(0)
+    experts, _ = sparsemixer(row.expand(tokens, -1), top_k=top_k)
+    first = reference_probs(row.tolist(), set(), 0.1)
+    if top_k == 1:
+        expected = first
+        observed = np.bincount(experts[:, 0].numpy(), minlength=4)
+    else:  # P(D0 = a, D1 = b) = p_a * p'_b, p' the re-masked softmax without a
+        expected = np.array([first[a] * reference_probs(row.tolist(), {a}, 0.1)[b]
+                             for a in range(4) for b in range(4) if a != b])
+        pair_ids = {(a, b): n for n, (a, b) in enumerate((a, b) for a in range(4) for b in range(4) if a != b)}
+        observed = np.bincount([pair_ids[tuple(r)] for r in experts.tolist()], minlength=12)
+    chi2 = float(((observed - tokens * expected) ** 2 / (tokens * expected)).sum())
+    assert chi2 < CHI2_999[len(expected) - 1], (observed, tokens * expected)
+
+
+@pytest.mark.parametrize("estimator", ["midpoint", "heun3"])
+def test_forward_value_is_c_times_p_with_the_coin_frequencies(estimator):
+    rule = ESTIMATORS[estimator]
+    torch.manual_seed(1)
+    logits = torch.randn(20000, 6) * 0.3  # small spread: most experts survive the jitter mask
+    experts, weights = sparsemixer(logits, top_k=1, estimator=estimator)
+    probs = torch.from_numpy(reference_round_probs(logits, experts, 0.1))[:, 0]
+    p_chosen = probs.gather(1, experts).squeeze(1)
+    c = weights[:, 0].double() / p_chosen
+    is_argmax = experts[:, 0] == probs.argmax(dim=1)
+    assert torch.allclose(c[is_argmax], torch.ones_like(c[is_argmax]), atol=1e-5)
+    others = c[~is_argmax]
+    full = (others - 1).abs() < 1e-5
+    low = (others - rule.c_low).abs() < 1e-5
+    assert bool((full | low).all()), "every non-argmax weight is p_D or c_low * p_D"
+    n = others.numel()
+    assert n > 2000, n
+    sigma = math.sqrt(rule.q * (1 - rule.q) / n)
+    assert abs(full.double().mean().item() - rule.q) < 4 * sigma
+
+
+@pytest.mark.parametrize("estimator", ["midpoint", "heun3"])
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("jitter_eps", [0.1, 0.5])
+def test_gradient_matches_the_formula(estimator, top_k, jitter_eps):
+    torch.manual_seed(2)
+    logits = (torch.randn(64, 8, dtype=torch.float64) * 2).requires_grad_()
+    upstream = torch.randn(64, top_k, dtype=torch.float32)
+    experts, weights = sparsemixer(logits, top_k=top_k, jitter_eps=jitter_eps, estimator=estimator)
+    (weights * upstream).sum().backward()
+    want = expected_grad(logits, experts, upstream, jitter_eps, ESTIMATORS[estimator].s)
+    np.testing.assert_allclose(logits.grad.numpy(), want, rtol=1e-5, atol=1e-6)
+    assert np.abs(want).sum() > 0, "the check must see a non-zero router gradient"
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_eval_is_argmax_with_unit_scale(top_k):
+    torch.manual_seed(3)
+    logits = torch.randn(128, 8)
+    experts, weights = sparsemixer(logits, top_k=top_k, training=False)
+    probs = reference_round_probs(logits, experts, 0.1)
+    for j in range(top_k):
+        np.testing.assert_array_equal(experts[:, j].numpy(), probs[:, j].argmax(axis=1))
+        p_chosen = probs[np.arange(128), j, experts[:, j].numpy()]
+        np.testing.assert_allclose(weights[:, j].numpy(), p_chosen, rtol=1e-6)
+    # Eval draws no random numbers: the global RNG stream is untouched.
+    state = torch.get_rng_state()
+    sparsemixer(logits, top_k=top_k, training=False)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_jitter_mask_removes_experts_jitter_could_never_promote():
+    # m = 10: (10 - 9) / 10 = 0.1 <= 0.2 stays; (10 - 7.5) / 10 = 0.25 and 13 / 10 are masked.
+    row = torch.tensor([[10.0, 9.0, 7.5, -3.0]])
+    torch.manual_seed(4)
+    experts, weights = sparsemixer(row.expand(5000, -1), jitter_eps=0.1)
+    assert set(experts[:, 0].tolist()) == {0, 1}
+    _, eval_weights = sparsemixer(row, jitter_eps=0.1, training=False)
+    assert eval_weights.item() == pytest.approx(1 / (1 + math.exp(-1.0)), rel=1e-6)
+    # A wider eps keeps expert 2; eps = 0 keeps only the maximum, whose probability is then 1.
+    wide, _ = sparsemixer(row.expand(5000, -1), jitter_eps=0.15)
+    assert set(wide[:, 0].tolist()) == {0, 1, 2}
+    _, only_max = sparsemixer(row, jitter_eps=0.0, training=False)
+    assert only_max.item() == 1.0
+    # m = z = 0 would be 0 / 0: such an expert is not masked.
+    _, ties = sparsemixer(torch.zeros(1, 3), training=False)
+    assert ties.item() == pytest.approx(1 / 3)
+
+
+def test_leaves_input_alone_and_is_deterministic_under_a_seed():
+    logits = torch.randn(256, 8)
+    before = logits.clone()
+    torch.manual_seed(5)
+    first = sparsemixer(logits, top_k=2)
+    torch.manual_seed(5)
+    second = sparsemixer(logits, top_k=2)
+    assert torch.equal(logits, before)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    torch.manual_seed(6)
+    assert not torch.equal(first[0], sparsemixer(logits, top_k=2)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_any_float_dtype_in_float32_weights_out(dtype):
+    logits = torch.randn(32, 4).to(dtype).requires_grad_()
+    experts, weights = sparsemixer(logits, top_k=2)
+    assert experts.dtype == torch.int64 and experts.shape == (32, 2)
+    assert weights.dtype == torch.float32 and weights.shape == (32, 2)
+    weights.sum().backward()
+    assert logits.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"top_k": 0}, "top_k"),
+    ({"top_k": 5}, "top_k"),
+    ({"jitter_eps": -0.1}, "jitter_eps"),
+    ({"estimator": "euler"}, "estimator"),
+])
+def test_bad_arguments_are_named(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        sparsemixer(torch.randn(4, 4), **kwargs)
+
+
+@pytest.mark.parametrize("logits", [torch.randn(4), torch.randn(2, 4, 4), torch.ones(4, 4, dtype=torch.int64)])
+def test_logits_must_be_a_2d_float_tensor(logits):
+    with pytest.raises(ValueError, match="logits"):
+        sparsemixer(logits)
