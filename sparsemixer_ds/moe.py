@@ -146,25 +146,29 @@ class SparseMixerGate(TopKGate):
     def _dispatch_routes(self, logits_SE: torch.Tensor, experts_SK: torch.Tensor, weights_SK: torch.Tensor,
                          used_token: Optional[torch.Tensor]) -> Routes:
         num_tokens, num_experts = logits_SE.shape
+        device = logits_SE.device
         experts_KS = experts_SK.t()
-        onehot_KSE = F.one_hot(experts_KS, num_experts).to(torch.int32)
+        routed_KS = torch.ones_like(experts_KS, dtype=torch.bool)
         if used_token is not None:
-            onehot_KSE = onehot_KSE * (used_token.reshape(1, num_tokens, 1) != 0)
-        exp_counts = onehot_KSE.sum(dim=(0, 1), dtype=torch.int64)
+            routed_KS = routed_KS & (used_token.reshape(1, num_tokens) != 0)
+        # Unrouted tokens go to a virtual expert E: counted nowhere, sorted last.
+        bucket_N = torch.where(routed_KS, experts_KS, num_experts).reshape(-1)  # N = K * S routes
+        exp_counts = torch.bincount(bucket_N, minlength=num_experts + 1)[:num_experts]
         capacity = self._capacity(num_tokens, exp_counts)
 
-        # Slot of each route in its expert's buffer: a running count over routes in priority order
-        # (round 0 before round 1, then tokens in order or, with RTS, in a random order).
+        # Slot of each route in its expert's buffer = how many routes of the same expert come first
+        # in priority order: round 0 before round 1, then tokens in order or, with RTS, in a random
+        # order. One sort of the K * S routes by (expert, priority), linear in tokens x k rather than
+        # a running count over a tokens x experts table.
+        num_routes = bucket_N.numel()
+        priority_KS = torch.arange(num_routes, device=device).view_as(experts_KS)
         if self.use_rts:
-            order_S = torch.randperm(num_tokens, device=logits_SE.device)
-            priority_KSE = onehot_KSE[:, order_S]
-        else:
-            priority_KSE = onehot_KSE
-        slots_KSE = priority_KSE.reshape(-1, num_experts).cumsum(dim=0, dtype=torch.int32).view_as(onehot_KSE) - 1
-        if self.use_rts:
-            slots_KSE = torch.empty_like(slots_KSE).index_copy_(1, order_S, slots_KSE)
-        locations_KS = slots_KSE.gather(2, experts_KS.unsqueeze(2)).squeeze(2)
-        kept_KS = onehot_KSE.gather(2, experts_KS.unsqueeze(2)).squeeze(2).bool() & (locations_KS < capacity)
+            priority_KS = priority_KS - torch.arange(num_tokens, device=device) + torch.randperm(num_tokens, device=device)
+        order_N = torch.argsort(bucket_N * num_routes + priority_KS.reshape(-1))
+        starts_E = torch.cumsum(exp_counts, dim=0) - exp_counts
+        ranks_N = torch.arange(num_routes, device=device) - starts_E.index_select(0, bucket_N[order_N].clamp_max(num_experts - 1))
+        locations_KS = torch.empty_like(ranks_N).index_copy_(0, order_N, ranks_N).view_as(experts_KS)
+        kept_KS = routed_KS & (locations_KS < capacity)
 
         # Switch Transformer eq. 4: E * sum_e (mean router probability) * (fraction of routes).
         probs_SE = torch.softmax(logits_SE, dim=1)

@@ -67,7 +67,8 @@ def sparsemixer(logits: torch.Tensor,
         top_k: experts per token, sampled without replacement (1..E).
         jitter_eps: experts that multiplicative jitter U(1 - eps, 1 + eps) could never make the
             winner are masked before the softmax: (m - z_i) / max(|z_i|, m) > 2 eps, m the max.
-        training: sample D ~ p and apply the estimator's forward scale; else D = argmax, c = 1.
+        training: sample D ~ p (inverse CDF, one uniform draw per token and round) and apply the
+            estimator's forward scale; else D = argmax and c = 1.
         estimator: "midpoint" (SparseMixer) or "heun3" (SparseMixer-v2 / GRIN).
 
     Returns:
@@ -95,11 +96,13 @@ def sparsemixer(logits: torch.Tensor,
             probs_detached = probs_SE.detach()
             argmax_S = probs_detached.argmax(dim=1)
             if training:
-                # Gumbel-max in probability space: argmax p_i / X_i with X_i ~ Exp(1) is
-                # argmax log p_i + Gumbel_i, and masked experts (p_i = 0) can never win.
-                noise_SE = torch.empty_like(probs_detached).exponential_().clamp_min_(torch.finfo(torch.float32).tiny)
-                chosen_S = (probs_detached / noise_SE).argmax(dim=1)
-                keep_full_S = (chosen_S == argmax_S) | (torch.rand_like(probs_detached[:, 0]) < rule.q)
+                # Inverse-CDF sampling: one uniform per token instead of one noise draw per expert.
+                # u lies in (0, total], so the first expert whose running sum reaches it has p > 0.
+                coins_S2 = torch.rand(probs_detached.shape[0], 2, device=probs_detached.device)
+                cdf_SE = probs_detached.cumsum(dim=1)
+                threshold_S1 = (1.0 - coins_S2[:, :1]) * cdf_SE[:, -1:]
+                chosen_S = (cdf_SE < threshold_S1).sum(dim=1)
+                keep_full_S = (chosen_S == argmax_S) | (coins_S2[:, 1] < rule.q)
                 scale_S = torch.where(keep_full_S, 1.0, rule.c_low)
             else:
                 chosen_S = argmax_S

@@ -1,0 +1,129 @@
+"""Gate overhead: SparseMixerGate vs DeepSpeed's TopKGate, forward + backward on identical inputs.
+
+Also times the floor: the router's linear and one softmax, forward and backward. Runs are
+interleaved (A B A B ...) and each cell is a median. Prints a table; writes JSON.
+
+    python benchmarks/gate.py                  # the README's table
+    python benchmarks/gate.py --smoke          # a tiny shape, a few repeats (CI)
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from deepspeed.moe.sharded_moe import TopKGate  # noqa: E402
+
+from sparsemixer_ds import SparseMixerGate  # noqa: E402
+
+SHAPES = [  # (tokens S, model dim d, experts E)
+    (16384, 512, 16),
+    (16384, 64, 64),  # router-dominated: the linear is cheap, per-expert bookkeeping is not
+]
+SMOKE_SHAPES = [(512, 32, 8)]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_step(gate: torch.nn.Module, x: torch.Tensor, probe: torch.Tensor):
+    """One forward + backward through the gate's sparse routes, as DeepSpeed's MOELayer calls it."""
+
+    def step():
+        gate.wg.weight.grad = None
+        l_aux, _, _, _, _, gates_KS, _ = gate(x, None, True)
+        ((gates_KS * probe[:gates_KS.shape[0]]).sum() + l_aux).backward()
+
+    return step
+
+
+def make_floor(gate: torch.nn.Module, x: torch.Tensor, probe: torch.Tensor):
+    """The least any router does: logits = x W^T and one softmax, forward and backward."""
+
+    def step():
+        gate.wg.weight.grad = None
+        probs = torch.softmax(torch.nn.functional.linear(x, gate.wg.weight), dim=1)
+        (probs[:, 0] * probe[0]).sum().backward()
+
+    return step
+
+
+def time_interleaved(steps: dict, repeats: int, device: torch.device) -> dict:
+    """Median seconds per call of each step, run in turn so drifts hit all of them alike."""
+    for step in steps.values():  # warm-up: allocator, lazy init, caches
+        for _ in range(3):
+            step()
+    samples = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            sync(device)
+            start = time.perf_counter()
+            step()
+            sync(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def bench_shape(tokens: int, dim: int, experts: int, repeats: int, device: torch.device) -> list:
+    torch.manual_seed(0)
+    x = torch.randn(tokens, dim, device=device)
+    probe = torch.randn(2, tokens, device=device)
+    rows = []
+    for k in (1, 2):
+        common = dict(k=k, capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=4)
+        topk = TopKGate(dim, experts, **common).to(device)
+        mixer = SparseMixerGate(dim, experts, **common).to(device)
+        mixer.wg.weight.data.copy_(topk.wg.weight.data)
+        times = time_interleaved(
+            {
+                "topk": make_step(topk, x, probe),
+                "sparsemixer": make_step(mixer, x, probe),
+                "floor": make_floor(mixer, x, probe),
+            }, repeats, device)
+        rows.append({
+            "tokens": tokens, "dim": dim, "experts": experts, "k": k,
+            "topk_ms": times["topk"] * 1e3, "sparsemixer_ms": times["sparsemixer"] * 1e3,
+            "floor_ms": times["floor"] * 1e3,
+            "vs_topk": times["sparsemixer"] / times["topk"], "vs_floor": times["sparsemixer"] / times["floor"],
+        })
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--smoke", action="store_true", help="one tiny shape, 3 repeats: checks the script runs")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/gate.json"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    shapes, repeats = (SMOKE_SHAPES, 3) if args.smoke else (SHAPES, args.repeats)
+
+    rows = [row for shape in shapes for row in bench_shape(*shape, repeats, device)]
+    header = f"{'S':>6} {'d':>4} {'E':>3} {'k':>2} | {'TopKGate ms':>11} {'SparseMixer ms':>14} {'floor ms':>9} | " \
+             f"{'vs TopK':>7} {'vs floor':>8}"
+    print(f"gate forward+backward, median of {repeats} interleaved runs, {device} "
+          f"({torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['tokens']:>6} {r['dim']:>4} {r['experts']:>3} {r['k']:>2} | {r['topk_ms']:>11.2f} "
+              f"{r['sparsemixer_ms']:>14.2f} {r['floor_ms']:>9.2f} | {r['vs_topk']:>6.2f}x {r['vs_floor']:>7.2f}x")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "machine": platform.machine(), "repeats": repeats}
+    args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
