@@ -16,7 +16,13 @@ ifeq ($(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 
 export DS_ACCELERATOR ?= cpu
 endif
 
-.PHONY: setup test bench clean
+# make pretrain: prepare the default corpus (the stdlib sources) once, then the main job.
+CONFIG ?= configs/cpu_small.yaml
+DATA ?= data/stdlib-bytes
+NPROC ?= 2
+ARGS ?=
+
+.PHONY: setup test bench pretrain clean
 
 setup: $(STAMP)
 
@@ -29,6 +35,12 @@ $(STAMP): setup.py
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+pretrain: setup $(DATA)/meta.json
+	launch/local.sh --config $(CONFIG) --nproc $(NPROC) -- --set data.path=$(DATA) $(ARGS)
+
+$(DATA)/meta.json: | $(STAMP)
+	$(BIN)/sparsemixer-ds prepare --out $(DATA)
 
 bench: setup
 	$(BIN)/python benchmarks/gate.py

@@ -15,7 +15,13 @@ setup(
         "torch>=2.4",
         "deepspeed>=0.19.4,<0.20",
         "pyyaml>=6.0",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+        "tokenizers>=0.19",  # BPE trained locally, or loaded from a local tokenizer.json
+        "matplotlib>=3.7",  # the end-of-run plot
+        "tensorboard>=2.14",  # DeepSpeed's TensorBoard monitor
     ],
+    entry_points={"console_scripts": ["sparsemixer-ds = sparsemixer_ds.cli:main"]},
     extras_require={
         "mpi": ["mpi4py>=4.0", "openmpi>=5.0"],
         "test": ["pytest>=8.0"],

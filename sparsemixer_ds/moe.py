@@ -8,7 +8,7 @@ group. So SparseMixer subclasses both and only replaces the routing decision: ev
 (expert placement, checkpoints per expert, parameter groups) stays DeepSpeed's.
 """
 import math
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,11 +16,12 @@ from deepspeed import comm as dist
 from deepspeed.comm import pg_utils
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import TOPK_GATE_TIMER, TopKGate
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
 from .routing import ESTIMATORS, sparsemixer
 
-__all__ = ["SparseMixerGate", "SparseMixerMoE", "convert", "Routes"]
+__all__ = ["SparseMixerGate", "SparseMixerMoE", "convert", "Routes", "make_moe", "RouterMonitor", "optimizer_param_groups"]
 
 
 class Routes(NamedTuple):
@@ -294,3 +295,102 @@ def convert(model: nn.Module, **sparsemixer_kwargs) -> int:
         layer.__class__ = SparseMixerMoE
         layer._install_gate(gate)
     return len(targets)
+
+
+def make_moe(router: str,
+             hidden_size: int,
+             expert: nn.Module,
+             *,
+             num_experts: int,
+             ep_size: int = 1,
+             k: int = 1,
+             capacity_factor: float = 1.0,
+             eval_capacity_factor: float = 1.0,
+             min_capacity: int = 4,
+             drop_tokens: bool = True,
+             jitter_eps: float = 0.1,
+             z_loss_coef: float = 0.0) -> MoE:
+    """An MoE layer for a router name, so that comparing routers is one config change.
+
+    ``sparsemixer`` (midpoint) and ``sparsemixer-v2`` (heun3) are SparseMixerMoE; ``switch`` is
+    DeepSpeed's TopKGate with k=1 and input jitter, ``gshard`` its TopKGate with k=2.
+    """
+    common = dict(num_experts=num_experts, ep_size=ep_size, k=k, capacity_factor=capacity_factor,
+                  eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity, drop_tokens=drop_tokens)
+    if router in ("sparsemixer", "sparsemixer-v2"):
+        estimator = "midpoint" if router == "sparsemixer" else "heun3"
+        return SparseMixerMoE(hidden_size, expert, jitter_eps=jitter_eps, estimator=estimator,
+                              z_loss_coef=z_loss_coef, **common)
+    if router in ("switch", "gshard"):
+        if not num_experts % ep_size == 0:
+            raise ValueError(f"num_experts={num_experts} must be divisible by ep_size={ep_size}")
+        return MoE(hidden_size, expert, noisy_gate_policy="Jitter" if router == "switch" else None, **common)
+    raise ValueError(f"router must be one of sparsemixer, sparsemixer-v2, switch, gshard; got {router!r}")
+
+
+class RouterMonitor:
+    """Routing statistics of every gate in a model, for metrics; one forward hook per gate.
+
+    While ``active``, each gate call adds, per MoE layer: the load fraction of every expert (routes
+    before capacity over all routes), the dropped-route fraction, and the mean entropy of the
+    router's softmax (nats). ``collect()`` returns the sums and call counts as one flat float64
+    tensor per layer, ready for an all-reduce, and starts over.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.gates = [m for m in model.modules() if isinstance(m, TopKGate)]
+        self.active = False
+        self._sums = [None] * len(self.gates)
+        self._handles = [gate.register_forward_hook(self._hook(i)) for i, gate in enumerate(self.gates)]
+
+    def _hook(self, index: int):
+
+        def record(gate: TopKGate, args: tuple, output: tuple) -> None:
+            if not self.active:
+                return
+            with torch.no_grad():
+                logits_SE = F.linear(args[0].float(), gate.wg.weight.float())
+                log_probs_SE = torch.log_softmax(logits_SE, dim=1)
+                entropy = -(log_probs_SE.exp() * log_probs_SE).sum(dim=1).mean()
+                indices_KS, exp_counts = output[3], output[6]  # the sparse-routes contract
+                load_E = exp_counts.double() / exp_counts.sum().clamp_min(1)
+                dropped = (indices_KS < 0).double().mean()
+                row = torch.cat([load_E, torch.stack([dropped, entropy.double(), torch.ones_like(dropped)])])
+                self._sums[index] = row if self._sums[index] is None else self._sums[index] + row
+
+        return record
+
+    def collect(self) -> List[torch.Tensor]:
+        """Per layer: [load_0 .. load_{E-1}, dropped, entropy, calls] summed since the last collect."""
+        out = []
+        for gate, sums in zip(self.gates, self._sums):
+            if sums is None:
+                sums = torch.zeros(gate.wg.out_features + 3, dtype=torch.float64, device=gate.wg.weight.device)
+            out.append(sums)
+        self._sums = [None] * len(self.gates)
+        return out
+
+    @staticmethod
+    def summarize(sums: torch.Tensor) -> dict:
+        """Means from ``collect()``'s sums (all-reduced or not): load, max/mean load, dropped, entropy."""
+        calls = float(sums[-1].clamp_min(1))
+        load = (sums[:-3] / calls).tolist()
+        mean_load = 1.0 / len(load)
+        return {"load": load, "max_mean_load": max(load) / mean_load, "dropped": float(sums[-3]) / calls,
+                "entropy": float(sums[-2]) / calls}
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
+    """AdamW groups: decay on matrices only (not norms, biases or omega), and expert parameters in
+    groups of their own, which DeepSpeed's MoE needs to reduce them over the expert-data-parallel group."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in split_params_into_different_moe_groups_for_optimizer(groups) if g["params"]]

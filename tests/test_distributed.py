@@ -44,7 +44,7 @@ def test_two_ranks_with_ep_size_2_match_one_process_with_ep_size_1(deepspeed_run
 
 
 def test_convert_then_train_with_zero2_on_two_ranks(deepspeed_run):
-    out_dir = deepspeed_run("convert_train.py", 2, "--ds-config", str(REPO / "ds_configs" / "cpu_zero2.json"))
+    out_dir = deepspeed_run("convert_train.py", 2, "--ds-config", str(REPO / "ds_configs" / "cpu.json"))
     for rank in range(2):
         result = json.loads((out_dir / f"rank{rank}.json").read_text())
         assert result["converted"] == 2

@@ -1,7 +1,7 @@
 """Convert a model built with stock DeepSpeed MoE layers, then train it under deepspeed.initialize.
 
 Started by the deepspeed launcher (see tests/test_distributed.py) with ep_size = world size and the
-ZeRO stage-2 engine settings of ds_configs/cpu_zero2.json. Each rank writes what it observed.
+ZeRO stage-2 engine settings of ds_configs/cpu.json. Each rank writes what it observed.
 """
 import argparse
 import json
@@ -34,8 +34,11 @@ for layer in layers:
     layer.gate.wg.weight.register_hook(lambda g: router_grad_norms.append(float(g.norm())))
 omega_before = [layer.omega.detach().clone() for layer in layers]
 
+# The project's CPU engine settings, plus the optimizer block an existing DeepSpeed set-up would carry.
 config = json.loads(args.ds_config.read_text())
-config.update(train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=1)
+config.pop("csv_monitor", None)
+config.update(train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=1, gradient_clipping=1.0,
+              optimizer={"type": "AdamW", "params": {"lr": 0.003, "betas": [0.9, 0.95], "torch_adam": True}})
 groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()), "name": "params"})
 engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
 

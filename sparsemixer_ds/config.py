@@ -1,0 +1,325 @@
+"""Run configuration: typed dataclasses <- YAML file <- ``--set key.sub=value`` overrides.
+
+Two halves, each with one owner:
+- the YAML run config owns the model, MoE routing, data, optimisation (batch size, accumulation,
+  clipping, learning-rate schedule), evaluation, checkpoints and logging;
+- the DeepSpeed JSON owns the engine: ZeRO stage, precision, communication, monitors.
+Batch size, accumulation and clipping have one source of truth, the run config: the JSON may repeat
+them only with the same values. Every error names the key, the file, the value and the fix.
+"""
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+import yaml
+
+ROUTERS = {  # router name -> the top_k values it takes
+    "sparsemixer": (1, ),  # SparseMixer, midpoint estimator (Liu et al. 2023)
+    "sparsemixer-v2": (1, 2),  # SparseMixer-v2 / GRIN, heun3 estimator (Liu et al. 2024)
+    "switch": (1, ),  # DeepSpeed TopKGate k=1 with input jitter (Fedus et al. 2021)
+    "gshard": (2, ),  # DeepSpeed TopKGate k=2 (Lepikhin et al. 2020)
+}
+
+
+class ConfigError(ValueError):
+    """A run or DeepSpeed config that cannot run; the message says where and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0  # 0: take it from the prepared data's meta.json
+    d_model: int = 128  # M, the residual width
+    n_layers: int = 4
+    n_heads: int = 4
+    seq_len: int = 128  # T, tokens per training sample
+    positions: str = "rotary"  # rotary | learned
+    ffn_hidden: int = 512  # hidden width of the dense FFN blocks
+    dropout: float = 0.0
+
+
+@dataclass
+class MoEConfig:
+    router: str = "sparsemixer"  # sparsemixer | sparsemixer-v2 | switch | gshard
+    top_k: int = 1  # routes per token: 1 (sparsemixer, switch), 1 or 2 (sparsemixer-v2), 2 (gshard)
+    num_experts: int = 8  # E per MoE layer
+    moe_every: int = 2  # every moe_every-th block is MoE (Switch: every other one)
+    expert_hidden: int = 256  # hidden width of each expert FFN
+    ep_size: int = 1  # expert-parallel group size; num_experts and the world size must divide by it
+    capacity_factor: float = 1.25  # training slots per expert = ceil(tokens / E * factor * k)
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 4
+    drop_tokens: bool = True  # False: dropless, capacity = the largest expert load
+    jitter_eps: float = 0.1  # SparseMixer's jitter mask (switch uses DeepSpeed's fixed input jitter)
+    balance_coef: float = 0.01  # weight of the Switch load-balance loss in the training loss
+    z_loss_coef: float = 0.0  # weight of the ST-MoE router z-loss (SparseMixer routers only)
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/stdlib-bytes"  # a directory written by `sparsemixer-ds prepare`
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    micro_batch: int = 8  # samples per rank per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    steps: int = 1000  # optimizer steps (ignored when tokens > 0)
+    tokens: int = 0  # token budget; > 0 sets steps = ceil(tokens / tokens per step)
+    lr: float = 3e-3  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50  # linear warm-up from 0
+    weight_decay: float = 0.1
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 100  # optimizer steps between evaluations (and one at the end)
+    batches: int = 8  # validation batches per rank
+    batch_size: int = 8
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 200  # optimizer steps between checkpoints (and one at the end); 0: only at the end
+    keep: int = 2  # the newest checkpoints kept; older ones are deleted
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10  # optimizer steps between metric lines
+    progress: bool = True  # progress bar on rank 0
+    plot: bool = True  # loss curves and expert-load heat map as a PNG at the end
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"  # checkpoints, metrics, plot and the resolved config go here
+    ds_config: str = "ds_configs/cpu.json"  # the DeepSpeed engine settings
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            List[float]: "a list of numbers"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """``value`` as type ``tp``, or a ConfigError naming the key, the source and the expected type."""
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        List[float]: isinstance(value, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
+    }[tp]
+    if not ok:
+        raise ConfigError(f"{source}: '{key}' must be {_type_name(tp)}; got {value!r} ({type(value).__name__})")
+    if tp is float:
+        return float(value)
+    if tp == List[float]:
+        return [float(v) for v in value]
+    return value
+
+
+def _unknown_key(key: str, known: Sequence[str], source: str) -> ConfigError:
+    section, _, name = key.rpartition(".")
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean '{(section + '.') if section else ''}{close[0]}'?" if close else ""
+    where = f"'{section}'" if section else "the top level"
+    return ConfigError(f"{source}: unknown key '{key}'{hint} (keys in {where}: {', '.join(known)})")
+
+
+def _apply(obj: Any, values: dict, prefix: str, source: str) -> None:
+    """Write ``values`` (a parsed YAML mapping) onto the dataclass ``obj``, checking every key."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'the file'}' must be a mapping of keys to values; "
+                          f"got {values!r}")
+    by_name = {f.name: f for f in fields(obj)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in by_name:
+            raise _unknown_key(key, list(by_name), source)
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, f"{key}.", source)
+        else:
+            setattr(obj, name, _coerce(value, by_name[name].type, key, source))
+
+
+def parse_override(text: str) -> tuple:
+    """``'train.steps=50'`` -> ``(['train', 'steps'], 50)``; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: write overrides as key.sub=value, e.g. --set train.steps=50")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({err})") from None
+    return key.strip().split("."), value
+
+
+def load_config(path: Optional[Path], overrides: Sequence[str] = ()) -> RunConfig:
+    """Defaults <- the YAML file at ``path`` (if any) <- each ``--set`` override, then validated."""
+    cfg = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"run config {path} does not exist; pass an existing YAML file "
+                              "(configs/ has examples)")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        _apply(cfg, values, "", str(path))
+    for text in overrides:
+        keys, value = parse_override(text)
+        nested = value
+        for key in reversed(keys):
+            nested = {key: nested}
+        _apply(cfg, nested, "", f"--set {text}")
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that need no files and no processes."""
+    m, moe, t = cfg.model, cfg.moe, cfg.train
+    for key, value in (("model.d_model", m.d_model), ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
+                       ("model.seq_len", m.seq_len), ("model.ffn_hidden", m.ffn_hidden),
+                       ("moe.num_experts", moe.num_experts), ("moe.moe_every", moe.moe_every),
+                       ("moe.expert_hidden", moe.expert_hidden), ("moe.ep_size", moe.ep_size),
+                       ("train.micro_batch", t.micro_batch), ("train.grad_accum", t.grad_accum),
+                       ("eval.interval", cfg.eval.interval), ("eval.batches", cfg.eval.batches),
+                       ("eval.batch_size", cfg.eval.batch_size), ("checkpoint.keep", cfg.checkpoint.keep),
+                       ("logging.interval", cfg.logging.interval)):
+        _require(value >= 1, f"{key} must be >= 1; got {value}")
+    _require(m.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 takes it from the data); got {m.vocab_size}")
+    _require(m.d_model % m.n_heads == 0,
+             f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+    _require(m.positions in ("rotary", "learned"), f"model.positions must be 'rotary' or 'learned'; got {m.positions!r}")
+    _require(m.positions != "rotary" or (m.d_model // m.n_heads) % 2 == 0,
+             f"rotary positions need an even head size; d_model / n_heads = {m.d_model // m.n_heads}")
+    _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1); got {m.dropout}")
+    _require(moe.router in ROUTERS, f"moe.router must be one of {', '.join(ROUTERS)}; got {moe.router!r}")
+    _require(moe.top_k in ROUTERS[moe.router],
+             f"moe.top_k={moe.top_k} does not fit moe.router={moe.router!r}, which takes top_k in "
+             f"{list(ROUTERS[moe.router])}")
+    _require(moe.top_k <= moe.num_experts, f"moe.top_k={moe.top_k} exceeds moe.num_experts={moe.num_experts}")
+    _require(moe.num_experts % moe.ep_size == 0,
+             f"moe.num_experts={moe.num_experts} must be divisible by moe.ep_size={moe.ep_size}: each rank of an "
+             "expert-parallel group holds num_experts / ep_size experts")
+    for key, value in (("moe.capacity_factor", moe.capacity_factor),
+                       ("moe.eval_capacity_factor", moe.eval_capacity_factor)):
+        _require(0.0 < value <= 64.0, f"{key} must be in (0, 64] (1.0 to 2.0 is usual); got {value}")
+    _require(moe.min_capacity >= 0, f"moe.min_capacity must be >= 0; got {moe.min_capacity}")
+    _require(0.0 <= moe.jitter_eps < 1.0, f"moe.jitter_eps must be in [0, 1) (the paper uses 0.1); got {moe.jitter_eps}")
+    _require(moe.balance_coef >= 0.0, f"moe.balance_coef must be >= 0; got {moe.balance_coef}")
+    _require(moe.z_loss_coef >= 0.0, f"moe.z_loss_coef must be >= 0; got {moe.z_loss_coef}")
+    _require(moe.z_loss_coef == 0.0 or moe.router.startswith("sparsemixer"),
+             f"moe.z_loss_coef={moe.z_loss_coef} needs a SparseMixer router; DeepSpeed's TopKGate ({moe.router}) "
+             "has no z-loss")
+    _require(moe.z_loss_coef == 0.0 or moe.balance_coef > 0.0,
+             "moe.z_loss_coef > 0 needs moe.balance_coef > 0: the z-loss travels inside the layer's aux loss")
+    _require(t.steps >= 1 or t.tokens > 0, f"train.steps must be >= 1 (or set train.tokens); got {t.steps}")
+    _require(t.tokens >= 0, f"train.tokens must be >= 0; got {t.tokens}")
+    _require(0.0 < t.lr < 1.0, f"train.lr must be in (0, 1); got {t.lr}")
+    _require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1]; got {t.min_lr_ratio}")
+    _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0; got {t.warmup_steps}")
+    _require(t.weight_decay >= 0.0, f"train.weight_decay must be >= 0; got {t.weight_decay}")
+    _require(len(t.betas) == 2 and all(0.0 <= b < 1.0 for b in t.betas),
+             f"train.betas must be two numbers in [0, 1); got {t.betas}")
+    _require(t.grad_clip >= 0.0, f"train.grad_clip must be >= 0 (0 disables clipping); got {t.grad_clip}")
+    _require(cfg.checkpoint.interval >= 0, f"checkpoint.interval must be >= 0; got {cfg.checkpoint.interval}")
+
+
+def total_steps(cfg: RunConfig, world_size: int) -> int:
+    """Optimizer steps of the run: train.steps, or the token budget over tokens per step."""
+    if cfg.train.tokens > 0:
+        per_step = cfg.train.micro_batch * cfg.train.grad_accum * world_size * cfg.model.seq_len
+        return max(1, math.ceil(cfg.train.tokens / per_step))
+    return cfg.train.steps
+
+
+# The keys of a DeepSpeed JSON that the run config owns, and where they live there.
+_OWNED_BATCH_KEYS = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_clipping": "train.grad_clip",
+}
+
+
+def load_ds_config(path: Path, cfg: RunConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON at ``path`` with the run config's batch settings filled in."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config {path} does not exist; set ds_config to one of ds_configs/*.json")
+    try:
+        ds = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: must hold a JSON object of DeepSpeed settings")
+    wanted = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.train.grad_clip,
+    }
+    for key, value in wanted.items():
+        if key in ds and ds[key] != value:
+            raise ConfigError(f"{path}: '{key}' is {ds[key]!r} but the run config's {_OWNED_BATCH_KEYS[key]} is "
+                              f"{value!r}; the run config owns it: remove '{key}' from the JSON or make them equal")
+    global_batch = cfg.train.micro_batch * cfg.train.grad_accum * world_size
+    if "train_batch_size" in ds and ds["train_batch_size"] != global_batch:
+        raise ConfigError(f"{path}: 'train_batch_size' is {ds['train_batch_size']!r} but train.micro_batch x "
+                          f"train.grad_accum x world size = {cfg.train.micro_batch} x {cfg.train.grad_accum} x "
+                          f"{world_size} = {global_batch}; remove it from the JSON (the run config sets it)")
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"{path}: has an '{key}' block, but the run config owns the optimizer and the "
+                              "learning-rate schedule (train.lr, train.warmup_steps, ...); remove it from the JSON")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise ConfigError(f"{path}: zero_optimization.stage={stage!r}; DeepSpeed's MoE layers work with ZeRO "
+                          "stages 0, 1 and 2 only")
+    if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
+        raise ConfigError(f"{path}: enables both fp16 and bf16; enable one of them")
+    ds.update(wanted)
+    ds["train_batch_size"] = global_batch
+    # The run config's AdamW is a client optimizer; ZeRO accepts it once told to.
+    ds["zero_allow_untested_optimizer"] = True
+    return ds
+
+
+def config_dict(cfg: RunConfig) -> dict:
+    return asdict(cfg)
+
+
+def config_from_dict(values: dict, source: str) -> RunConfig:
+    """A RunConfig from a saved ``config_dict`` (a checkpoint's or an export's), checked like a file."""
+    cfg = RunConfig()
+    _apply(cfg, values, "", source)
+    validate(cfg)
+    return cfg
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(config_dict(cfg), sort_keys=False)

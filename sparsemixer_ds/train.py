@@ -1,0 +1,258 @@
+"""The training loop: deepspeed.initialize, steps, evaluation, checkpoints, metrics.
+
+Run under the ``deepspeed`` launcher (``sparsemixer-ds train`` on every rank). All randomness of a
+step (its batches, routing draws, dropout) is a pure function of (seed, step, micro-step, rank), so
+a resumed run repeats exactly what an uninterrupted one would have done, and nothing but the step
+needs restoring besides DeepSpeed's own state.
+"""
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import deepspeed
+import numpy as np
+import torch
+import torch.nn.functional as F
+from deepspeed import comm as dist
+from deepspeed.accelerator import get_accelerator
+from tqdm import tqdm
+
+from .config import ConfigError, RunConfig, config_dict, dump_yaml, load_ds_config, total_steps
+from .data import Batches, eval_batches, open_split
+from .model import MoELM
+from .moe import RouterMonitor, optimizer_param_groups
+
+CHECKPOINTS = "checkpoints"
+TAG_PREFIX = "step_"
+
+
+EVAL_STREAM = 1 << 30  # the seed stream of evaluations, apart from every micro-step's
+
+
+def step_seed(seed: int, step: int, stream: int, rank: int) -> int:
+    """A seed for one micro-step (``stream`` = its index) or evaluation of one rank: independent
+    streams, no call history involved."""
+    return int(np.random.SeedSequence([seed, step, stream, rank]).generate_state(1)[0])
+
+
+def warmup_cosine(cfg: RunConfig, total: int):
+    """LR multiplier at an optimizer step: linear warm-up, then cosine down to min_lr_ratio."""
+    warmup, floor = cfg.train.warmup_steps, cfg.train.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def checkpoint_tags(ckpt_dir: Path) -> List[str]:
+    """Complete checkpoint tags, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
+
+
+def read_data_meta(data_dir: Path) -> dict:
+    meta_path = Path(data_dir) / "meta.json"
+    if not meta_path.is_file():
+        raise ConfigError(f"data.path={str(data_dir)!r} has no meta.json; prepare it first: "
+                          f"sparsemixer-ds prepare --out {data_dir}")
+    return json.loads(meta_path.read_text())
+
+
+def resolve_vocab(cfg: RunConfig, meta: dict) -> None:
+    """model.vocab_size 0 takes the data's; a set value must cover every token id in the data."""
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = int(meta["vocab_size"])
+    elif cfg.model.vocab_size < int(meta["vocab_size"]):
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
+                          f"({meta['vocab_size']} in {cfg.data.path}/meta.json); set it to 0 to take the data's")
+
+
+def fill_monitor_paths(ds_config: dict, run_dir: Path) -> None:
+    """Monitors enabled in the DS JSON without an output path write into the run directory."""
+    for name in ("tensorboard", "csv_monitor"):
+        block = ds_config.get(name)
+        if isinstance(block, dict) and block.get("enabled"):
+            block.setdefault("output_path", str(run_dir / "monitor"))
+            block.setdefault("job_name", "train")
+
+
+class Metrics:
+    """One JSON object per line in run_dir/metrics.jsonl, plus DeepSpeed's monitors; rank 0 only."""
+
+    def __init__(self, path: Path, engine, enabled: bool) -> None:
+        self.path, self.engine, self.enabled = path, engine, enabled
+
+    def write(self, record: dict, events: List[tuple]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.engine.monitor.enabled:
+            self.engine.monitor.write_events(events)
+
+
+def all_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over all ranks of a float64 tensor."""
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / dist.get_world_size()
+
+
+def evaluate(engine, batches, cfg: RunConfig, step: int, rank: int) -> dict:
+    """Validation loss (nats per token) and perplexity over every rank's validation batches."""
+    engine.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=engine.device)
+    torch.manual_seed(step_seed(cfg.train.seed, step, EVAL_STREAM, rank))  # capacity-overflow choices may be random
+    with torch.no_grad():
+        for x, y in batches:
+            logits = engine(x.to(engine.device)).logits
+            totals[0] += F.cross_entropy(logits.float().flatten(0, 1), y.to(engine.device).flatten(), reduction="sum")
+            totals[1] += y.numel()
+    dist.all_reduce(totals)
+    engine.train()
+    loss = float(totals[0] / totals[1])
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool, rank: int) -> Optional[str]:
+    """Refuse to overwrite a finished or running run; return the tag to resume from."""
+    run_dir = Path(cfg.run_dir)
+    tags = checkpoint_tags(run_dir / CHECKPOINTS)
+    if resume and not tags:
+        raise ConfigError(f"--resume: {run_dir / CHECKPOINTS} has no checkpoint to resume from; "
+                          "start without --resume")
+    if not resume and (tags or (run_dir / "metrics.jsonl").exists()):
+        raise ConfigError(f"run_dir {run_dir} already holds a run; pass --resume to continue it, "
+                          "or set run_dir to a new directory")
+    return tags[-1] if resume else None
+
+
+def train(cfg: RunConfig, resume: bool = False) -> dict:
+    """Train ``cfg`` on the ranks the launcher started; returns the final metrics (on every rank)."""
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world % cfg.moe.ep_size:
+        raise ConfigError(f"world size {world} is not divisible by moe.ep_size={cfg.moe.ep_size}; "
+                          f"launch a multiple of {cfg.moe.ep_size} processes or change moe.ep_size")
+    ds_config = load_ds_config(Path(cfg.ds_config), cfg, world)
+    meta = read_data_meta(Path(cfg.data.path))
+    resolve_vocab(cfg, meta)
+    train_tokens, val_tokens = open_split(Path(cfg.data.path), "train"), open_split(Path(cfg.data.path), "val")
+    t = cfg.train
+    seq_len = cfg.model.seq_len
+    batches = Batches(train_tokens, seq_len, t.micro_batch, rank, world, t.grad_accum, t.seed)
+    val_batches = eval_batches(val_tokens, seq_len, cfg.eval.batch_size, rank, world, cfg.eval.batches)
+    resume_tag = prepare_run_dir(cfg, resume, rank)
+    run_dir = Path(cfg.run_dir)
+    fill_monitor_paths(ds_config, run_dir)
+    dist.barrier()  # every rank has checked its inputs before rank 0 writes anything
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+
+    total = total_steps(cfg, world)
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
+    model = MoELM(cfg.model, cfg.moe)
+    router_monitor = RouterMonitor(model)
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg, total))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+
+    start_step = 0
+    if resume_tag is not None:
+        _, client = engine.load_checkpoint(str(run_dir / CHECKPOINTS), tag=resume_tag)
+        start_step = int(client["step"])
+    metrics = Metrics(run_dir / "metrics.jsonl", engine, rank == 0)
+    tokens_per_step = t.micro_batch * t.grad_accum * world * seq_len
+    progress = tqdm(total=total, initial=start_step, disable=rank != 0 or not cfg.logging.progress,
+                    file=sys.stderr, dynamic_ncols=True, desc="train")
+    last = {"step": start_step}
+    window_start, window_steps = time.perf_counter(), 0
+    vocab = cfg.model.vocab_size
+    for step in range(start_step, total):
+        done = step + 1
+        log_now = done % cfg.logging.interval == 0 or done == total
+        router_monitor.active = log_now
+        losses = torch.zeros(2, dtype=torch.float64, device=engine.device)
+        for micro in range(t.grad_accum):
+            x, y = batches.get(step, micro)
+            torch.manual_seed(step_seed(t.seed, step, micro, rank))
+            out = engine(x.to(engine.device))
+            ce = F.cross_entropy(out.logits.float().view(-1, vocab), y.to(engine.device).view(-1))
+            engine.backward(ce + cfg.moe.balance_coef * out.aux_loss)
+            engine.step()
+            losses += torch.stack([ce.detach(), out.aux_loss.detach()]).double()
+        window_steps += 1
+        if log_now:
+            mean = all_mean(losses / t.grad_accum)
+            layers = [RouterMonitor.summarize(all_mean(s)) for s in router_monitor.collect()]
+            elapsed = time.perf_counter() - window_start
+            tok_s = tokens_per_step * window_steps / elapsed
+            window_start, window_steps = time.perf_counter(), 0
+            lr = engine.get_lr()[0]
+            record = {"step": done, "tokens": done * tokens_per_step, "loss": float(mean[0]),
+                      "balance_loss": float(mean[1]), "lr": lr, "tokens_per_s": tok_s, "layers": layers}
+            events = [("Train/loss", record["loss"], done), ("Train/lr", lr, done), ("Train/tokens_per_s", tok_s, done),
+                      ("Train/balance_loss", record["balance_loss"], done)]
+            for i, layer in enumerate(layers):
+                events += [(f"MoE/layer{i}/max_mean_load", layer["max_mean_load"], done),
+                           (f"MoE/layer{i}/dropped", layer["dropped"], done),
+                           (f"MoE/layer{i}/entropy", layer["entropy"], done)]
+                events += [(f"MoE/layer{i}/load_expert{e}", v, done) for e, v in enumerate(layer["load"])]
+            metrics.write(record, events)
+            last.update(record)
+            progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+        if done % cfg.eval.interval == 0 or done == total:
+            result = evaluate(engine, val_batches, cfg, done, rank)
+            metrics.write({"step": done, **result}, [("Eval/loss", result["val_loss"], done),
+                                                     ("Eval/ppl", result["val_ppl"], done)])
+            last.update(result)
+            if rank == 0:
+                progress.write(f"step {done}: val_loss {result['val_loss']:.4f}  val_ppl {result['val_ppl']:.2f}")
+        interval = cfg.checkpoint.interval
+        if (interval and done % interval == 0) or done == total:
+            save_checkpoint(engine, cfg, done, done * tokens_per_step, rank)
+        progress.update(1)
+        last["step"] = done
+    progress.close()
+    router_monitor.close()
+    if rank == 0 and cfg.logging.plot:
+        from .plots import plot_run  # matplotlib only where a plot is drawn
+        plot_run(run_dir / "metrics.jsonl", run_dir / "training.png")
+    dist.barrier()
+    return last
+
+
+def save_checkpoint(engine, cfg: RunConfig, step: int, tokens: int, rank: int) -> None:
+    """Save through DeepSpeed (experts per expert), then keep only the newest ``checkpoint.keep``."""
+    ckpt_dir = Path(cfg.run_dir) / CHECKPOINTS
+    client = {"step": step, "tokens": tokens, "config": config_dict(cfg)}
+    engine.save_checkpoint(str(ckpt_dir), tag=f"{TAG_PREFIX}{step:08d}", client_state=client)
+    dist.barrier()
+    if rank == 0:
+        for tag in checkpoint_tags(ckpt_dir)[:-cfg.checkpoint.keep]:
+            shutil.rmtree(ckpt_dir / tag)
+    dist.barrier()
+
+
+def summary(cfg: RunConfig, last: dict) -> str:
+    run_dir = Path(cfg.run_dir)
+    lines = [f"run directory: {run_dir}",
+             f"checkpoints:   {run_dir / CHECKPOINTS} (latest: {checkpoint_tags(run_dir / CHECKPOINTS)[-1]})",
+             f"metrics:       {run_dir / 'metrics.jsonl'}"]
+    if cfg.logging.plot:
+        lines.append(f"plot:          {run_dir / 'training.png'}")
+    if "val_loss" in last:
+        lines.append(f"final validation loss {last['val_loss']:.4f}, perplexity {last['val_ppl']:.2f} "
+                     f"(step {last['step']}, {last.get('tokens_per_s', 0):,.0f} tokens/s)")
+    return "\n".join(lines)
