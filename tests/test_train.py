@@ -1,0 +1,172 @@
+"""Pre-training under the real deepspeed launcher (launch/local.sh): 2 CPU ranks, ep_size 2, gloo."""
+import json
+import math
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO, launch_env
+
+from sparsemixer_ds.data import default_corpus, eval_batches, open_split, prepare
+from sparsemixer_ds.export import load_export
+
+TINY = ["model.d_model=32", "model.n_heads=2", "model.n_layers=2", "model.seq_len=32", "model.ffn_hidden=64",
+        "moe.num_experts=4", "moe.expert_hidden=32", "moe.moe_every=1", "moe.ep_size=2", "train.micro_batch=4",
+        "train.warmup_steps=2", "train.lr=0.01", "eval.batches=2", "eval.batch_size=4", "logging.interval=1",
+        "logging.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A byte-level slice of the stdlib sources: big enough for a few dozen steps, quick to prepare."""
+    out = tmp_path_factory.mktemp("data") / "stdlib-slice"
+    prepare([str(p) for p in default_corpus()[:60]], out, tokenizer="bytes", val_fraction=0.1, progress=False)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(run_dir, corpus, *overrides, ds_config="ds_configs/cpu.json", resume=False, timeout=300):
+    cmd = ["bash", str(REPO / "launch" / "local.sh"), "--nproc", "2", "--master-port", str(free_port()),
+           "--ds-config", str(REPO / ds_config), "--", "--set", f"run_dir={run_dir}", "--set",
+           f"data.path={corpus}"]
+    for item in TINY + list(overrides):
+        cmd += ["--set", item]
+    if resume:
+        cmd.append("--resume")
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("router, k, zero, extra", [
+    ("sparsemixer", 1, 2, {"tensorboard": {"enabled": True}}),
+    ("sparsemixer-v2", 2, 1, {"bf16": {"enabled": True}}),
+    ("sparsemixer-v2", 1, 0, {}),
+    ("switch", 1, 2, {"grad_accum": 2}),
+    ("gshard", 2, 1, {}),
+])
+def test_two_rank_expert_parallel_training_for_each_router(tmp_path, corpus, router, k, zero, extra):
+    ds_config = tmp_path / "ds.json"
+    ds = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
+    ds["zero_optimization"]["stage"] = zero
+    ds.update({key: value for key, value in extra.items() if key != "grad_accum"})
+    ds_config.write_text(json.dumps(ds))
+    accum = extra.get("grad_accum", 1)
+    run_dir = tmp_path / "run"
+    proc = launch(run_dir, corpus, f"moe.router={router}", f"moe.top_k={k}", "train.steps=12", "eval.interval=6",
+                  "checkpoint.interval=4", "checkpoint.keep=2", f"train.grad_accum={accum}", ds_config=ds_config)
+    assert "final validation loss" in proc.stdout and str(run_dir / "training.png") in proc.stdout
+    metrics = read_metrics(run_dir)
+    train = [m for m in metrics if "loss" in m]
+    evals = [m for m in metrics if "val_loss" in m]
+    assert [m["step"] for m in train] == list(range(1, 13))
+    assert [m["step"] for m in evals] == [6, 12]
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5, "a byte LM learns the byte frequencies in a few steps"
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert evals[-1]["val_ppl"] == pytest.approx(math.exp(evals[-1]["val_loss"]))
+    assert all(m["tokens_per_s"] > 0 and m["lr"] > 0 for m in train)
+    assert train[-1]["tokens"] == 12 * 4 * accum * 2 * 32
+    for layer in train[-1]["layers"]:  # two MoE layers, four experts each
+        assert len(layer["load"]) == 4 and sum(layer["load"]) == pytest.approx(1.0)
+        assert 0.0 <= layer["dropped"] <= 1.0 and 0.0 < layer["entropy"] <= math.log(4) + 1e-6
+    assert len(train[-1]["layers"]) == 2
+    tags = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
+    assert tags == ["step_00000008", "step_00000012"], "checkpoints at 4, 8, 12; the newest two are kept"
+    # DeepSpeed saves each expert of each MoE layer in a file of its own.
+    assert len(list((run_dir / "checkpoints" / "step_00000012").glob("layer_*_expert_*_model_states.pt"))) == 8
+    monitor = run_dir / "monitor"
+    assert any(monitor.rglob("Train_loss.csv")) and any(monitor.rglob("MoE_layer1_entropy.csv"))
+    if "tensorboard" in extra:
+        assert any(monitor.rglob("events.out.tfevents.*"))
+    assert (run_dir / "training.png").stat().st_size > 10000
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "ds_config.json").is_file()
+    assert json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"] == zero
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, corpus):
+    """8 steps, a checkpoint every 4, every loss logged; drop_tokens off so evaluation drops nothing."""
+    run_dir = tmp_path_factory.mktemp("runs") / "full"
+    launch(run_dir, corpus, "train.steps=8", "checkpoint.interval=4", "checkpoint.keep=3", "eval.interval=4",
+           "moe.eval_capacity_factor=4.0", "logging.plot=false")
+    return run_dir
+
+
+def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path, corpus, finished_run):
+    # Stop after step 4: the same run directory as it was then (checkpoint step 4, metrics up to 4).
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(finished_run, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000008")
+    full = read_metrics(finished_run)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in full if m["step"] <= 4))
+    launch(run_dir, corpus, "train.steps=8", "checkpoint.interval=4", "checkpoint.keep=3", "eval.interval=4",
+           "moe.eval_capacity_factor=4.0", "logging.plot=false", resume=True)
+    resumed = read_metrics(run_dir)
+    assert [m["step"] for m in resumed] == [m["step"] for m in full]
+    for want, got in zip(full, resumed):
+        for key in ("loss", "balance_loss", "lr", "val_loss"):
+            if key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-7), (want["step"], key)
+
+
+def test_resume_refuses_an_empty_run_and_a_fresh_start_refuses_a_used_one(tmp_path, corpus, finished_run):
+    cmd = ["bash", str(REPO / "launch" / "local.sh"), "--nproc", "2", "--master-port", str(free_port()), "--",
+           "--set", f"run_dir={finished_run}", "--set", f"data.path={corpus}"] + sum([["--set", o] for o in TINY], [])
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "already holds a run; pass --resume" in proc.stderr
+    cmd[cmd.index(f"run_dir={finished_run}")] = f"run_dir={tmp_path / 'new'}"
+    proc = subprocess.run(cmd + ["--resume"], cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "has no checkpoint to resume from" in proc.stderr
+    assert not (tmp_path / "new").exists(), "a refused run creates nothing"
+
+
+def cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "sparsemixer_ds.cli", *args], cwd=REPO, env=launch_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_export_gathers_every_expert_and_reproduces_the_validation_loss(tmp_path, corpus, finished_run):
+    out = tmp_path / "model.pt"
+    cli("export", "--run", str(finished_run), "--out", str(out))
+    payload = torch.load(out, weights_only=True)  # plain tensors and config: no code, no DeepSpeed
+    experts = [k for k in payload["state_dict"] if ".deepspeed_experts." in k and k.endswith("0.weight")]
+    assert len(experts) == 2 * 4, "both MoE layers with all four experts, though each rank held two"
+    model, cfg, _ = load_export(out)
+    assert cfg.moe.ep_size == 1
+    # The two ranks' final validation batches through the exported model: the same loss the
+    # distributed model logged (its eval capacity drops nothing, so routing is per token).
+    total, count = 0.0, 0
+    for rank in range(2):
+        for x, y in eval_batches(open_split(corpus, "val"), 32, 4, rank, 2, 2):
+            with torch.no_grad():
+                logits = model(x).logits
+            total += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
+            count += y.numel()
+    logged = [m for m in read_metrics(finished_run) if "val_loss" in m][-1]
+    assert logged["step"] == 8
+    assert total / count == pytest.approx(logged["val_loss"], rel=1e-5)
+
+
+def test_generate_from_checkpoint_and_from_export_agree(tmp_path, finished_run):
+    out = tmp_path / "model.pt"
+    cli("export", "--run", str(finished_run), "--out", str(out))
+    args = ["--prompt", "def ", "--tokens", "24", "--temperature", "0"]
+    from_export = cli("generate", "--export", str(out), *args).splitlines()[-1]
+    from_checkpoint = cli("generate", "--run", str(finished_run), *args).splitlines()[-1]
+    assert from_export.startswith("def ") and len(from_export) > len("def ")
+    assert from_export == from_checkpoint
