@@ -1,6 +1,7 @@
-"""The ``sparsemixer-ds`` command: prepare | train | export | generate.
+"""The ``sparsemixer-ds`` command: prepare | check | train | export | generate.
 
     sparsemixer-ds prepare [INPUT ...] --out data/stdlib-bytes        # no INPUT: the stdlib sources
+    sparsemixer-ds check --config configs/cpu_small.yaml --world-size 2  # what a launch script runs first
     deepspeed --num_gpus 2 --module sparsemixer_ds.cli train --config configs/cpu_small.yaml
     sparsemixer-ds export --run runs/cpu_small --out runs/cpu_small/model.pt
     sparsemixer-ds generate --export runs/cpu_small/model.pt --prompt "def main("
@@ -30,6 +31,16 @@ def _train(args: argparse.Namespace) -> None:
     from deepspeed import comm as dist
     if dist.get_rank() == 0:
         print(summary(cfg, last), flush=True)
+
+
+def _check(args: argparse.Namespace) -> None:
+    from .config import load_config, total_steps
+    from .train import preflight
+    cfg = load_config(Path(args.config) if args.config else None, args.set)
+    preflight(cfg, args.world_size, args.resume)
+    print(f"ok: {args.world_size} ranks, {args.world_size // cfg.moe.ep_size} expert-parallel group(s) of "
+          f"{cfg.moe.ep_size}, {cfg.moe.num_experts} experts per MoE layer, {total_steps(cfg, args.world_size)} "
+          f"steps, run_dir {cfg.run_dir}")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -81,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set train.steps=50 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run_dir")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("check", help="check a run's configs, data and run directory for a world size; start nothing")
+    p.add_argument("--config", help="YAML run config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for train")
+    p.add_argument("--resume", action="store_true", help="as for train")
+    p.add_argument("--world-size", type=int, required=True, help="total number of ranks the launch will start")
+    p.set_defaults(func=_check)
 
     p = sub.add_parser("export", help="a checkpoint -> one consolidated file (all experts) + config")
     p.add_argument("--run", required=True, help="run directory")

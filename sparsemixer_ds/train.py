@@ -7,11 +7,13 @@ needs restoring besides DeepSpeed's own state.
 """
 import json
 import math
+import os
+import socket
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import deepspeed
 import numpy as np
@@ -123,7 +125,7 @@ def evaluate(engine, batches, cfg: RunConfig, step: int, rank: int) -> dict:
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
 
-def prepare_run_dir(cfg: RunConfig, resume: bool, rank: int) -> Optional[str]:
+def prepare_run_dir(cfg: RunConfig, resume: bool) -> Optional[str]:
     """Refuse to overwrite a finished or running run; return the tag to resume from."""
     run_dir = Path(cfg.run_dir)
     tags = checkpoint_tags(run_dir / CHECKPOINTS)
@@ -136,29 +138,69 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, rank: int) -> Optional[str]:
     return tags[-1] if resume else None
 
 
-def train(cfg: RunConfig, resume: bool = False) -> dict:
-    """Train ``cfg`` on the ranks the launcher started; returns the final metrics (on every rank)."""
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
-    rank, world = dist.get_rank(), dist.get_world_size()
+class Plan(NamedTuple):
+    """What pre-flight checks settled before any rank does work."""
+    ds_config: dict
+    resume_tag: Optional[str]
+
+
+def preflight(cfg: RunConfig, world: int, resume: bool) -> Plan:
+    """Every check that needs files but no processes: run by each rank before training, and by
+    ``sparsemixer-ds check`` before a launch script starts any rank. Fills in model.vocab_size."""
     if world % cfg.moe.ep_size:
         raise ConfigError(f"world size {world} is not divisible by moe.ep_size={cfg.moe.ep_size}; "
                           f"launch a multiple of {cfg.moe.ep_size} processes or change moe.ep_size")
     ds_config = load_ds_config(Path(cfg.ds_config), cfg, world)
-    meta = read_data_meta(Path(cfg.data.path))
-    resolve_vocab(cfg, meta)
-    train_tokens, val_tokens = open_split(Path(cfg.data.path), "train"), open_split(Path(cfg.data.path), "val")
+    data_dir = Path(cfg.data.path)
+    resolve_vocab(cfg, read_data_meta(data_dir))
+    # Building the loaders checks that the splits hold enough windows of model.seq_len tokens.
+    Batches(open_split(data_dir, "train"), cfg.model.seq_len, cfg.train.micro_batch, 0, world, cfg.train.grad_accum,
+            cfg.train.seed)
+    eval_batches(open_split(data_dir, "val"), cfg.model.seq_len, cfg.eval.batch_size, 0, world, cfg.eval.batches)
+    resume_tag = prepare_run_dir(cfg, resume)
+    fill_monitor_paths(ds_config, Path(cfg.run_dir))
+    return Plan(ds_config, resume_tag)
+
+
+def discover_mpi() -> None:
+    """Under mpirun, take rank, world size and local rank from mpi4py.
+
+    DeepSpeed's own MPI discovery would do the same but points MASTER_ADDR at the first address of
+    ``hostname -I``, which is wrong on multi-homed hosts; here MASTER_ADDR and MASTER_PORT come from
+    the environment (launch/mpi.sh sets them), else rank 0's host name and 29500.
+    """
+    under_mpi = any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
+    if "RANK" in os.environ or not under_mpi:
+        return
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    master = comm.bcast(os.environ.get("MASTER_ADDR") or socket.gethostname(), root=0)
+    os.environ.update(RANK=str(comm.Get_rank()), WORLD_SIZE=str(comm.Get_size()), LOCAL_RANK=str(node.Get_rank()),
+                      LOCAL_SIZE=str(node.Get_size()), MASTER_ADDR=master,
+                      MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
+
+
+def train(cfg: RunConfig, resume: bool = False) -> dict:
+    """Train ``cfg`` on the ranks the launcher started; returns the final metrics (on every rank)."""
+    discover_mpi()
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ds_config, resume_tag = preflight(cfg, world, resume)
     t = cfg.train
     seq_len = cfg.model.seq_len
-    batches = Batches(train_tokens, seq_len, t.micro_batch, rank, world, t.grad_accum, t.seed)
-    val_batches = eval_batches(val_tokens, seq_len, cfg.eval.batch_size, rank, world, cfg.eval.batches)
-    resume_tag = prepare_run_dir(cfg, resume, rank)
+    data_dir = Path(cfg.data.path)
+    batches = Batches(open_split(data_dir, "train"), seq_len, t.micro_batch, rank, world, t.grad_accum, t.seed)
+    val_batches = eval_batches(open_split(data_dir, "val"), seq_len, cfg.eval.batch_size, rank, world,
+                               cfg.eval.batches)
     run_dir = Path(cfg.run_dir)
-    fill_monitor_paths(ds_config, run_dir)
     dist.barrier()  # every rank has checked its inputs before rank 0 writes anything
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+    print(f"[rank {rank}/{world}] host {socket.gethostname()}, local rank {os.environ.get('LOCAL_RANK', '0')}, "
+          f"expert-parallel group {rank // cfg.moe.ep_size} of size {cfg.moe.ep_size}", flush=True)
 
     total = total_steps(cfg, world)
     torch.manual_seed(t.seed)  # the same initial weights on every rank

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -39,7 +39,7 @@ def deepspeed_run(tmp_path):
 
     def run(script: str, num_procs: int, *args: str, timeout: float = 300.0) -> Path:
         launcher = Path(sys.executable).parent / "deepspeed"
-        cmd = [str(launcher), "--num_gpus", str(num_procs), "--master_port", str(_free_port()),
+        cmd = [str(launcher), "--num_gpus", str(num_procs), "--master_port", str(free_port()),
                str(REPO / "tests" / "dist" / script), "--out", str(tmp_path), *args]
         proc = subprocess.run(cmd, env=launch_env(), cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
         log = proc.stdout[-6000:] + proc.stderr[-6000:]
@@ -47,3 +47,29 @@ def deepspeed_run(tmp_path):
         return tmp_path
 
     return run
+
+
+# A tiny model for launched runs: 2 MoE layers of 4 experts over 2 ranks (ep_size 2), seconds per run.
+TINY = ["model.d_model=32", "model.n_heads=2", "model.n_layers=2", "model.seq_len=32", "model.ffn_hidden=64",
+        "moe.num_experts=4", "moe.expert_hidden=32", "moe.moe_every=1", "moe.ep_size=2", "train.micro_batch=4",
+        "train.warmup_steps=2", "train.lr=0.01", "eval.batches=2", "eval.batch_size=4", "logging.interval=1",
+        "logging.progress=false"]
+
+
+def set_args(*overrides: str) -> list:
+    """``--set`` pairs for the tiny model plus ``overrides``."""
+    return [arg for item in TINY + list(overrides) for arg in ("--set", item)]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A byte-level slice of the stdlib sources: big enough for a few dozen steps, quick to prepare."""
+    from sparsemixer_ds.data import default_corpus, prepare
+    out = tmp_path_factory.mktemp("data") / "stdlib-slice"
+    prepare([str(p) for p in default_corpus()[:60]], out, tokenizer="bytes", val_fraction=0.1, progress=False)
+    return out
+
+
+def read_metrics(run_dir: Path) -> list:
+    import json
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

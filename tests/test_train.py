@@ -2,53 +2,28 @@
 import json
 import math
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, launch_env
+from conftest import REPO, free_port, launch_env, read_metrics, set_args
 
-from sparsemixer_ds.data import default_corpus, eval_batches, open_split, prepare
+from sparsemixer_ds.data import eval_batches, open_split
 from sparsemixer_ds.export import load_export
-
-TINY = ["model.d_model=32", "model.n_heads=2", "model.n_layers=2", "model.seq_len=32", "model.ffn_hidden=64",
-        "moe.num_experts=4", "moe.expert_hidden=32", "moe.moe_every=1", "moe.ep_size=2", "train.micro_batch=4",
-        "train.warmup_steps=2", "train.lr=0.01", "eval.batches=2", "eval.batch_size=4", "logging.interval=1",
-        "logging.progress=false"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A byte-level slice of the stdlib sources: big enough for a few dozen steps, quick to prepare."""
-    out = tmp_path_factory.mktemp("data") / "stdlib-slice"
-    prepare([str(p) for p in default_corpus()[:60]], out, tokenizer="bytes", val_fraction=0.1, progress=False)
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(run_dir, corpus, *overrides, ds_config="ds_configs/cpu.json", resume=False, timeout=300):
     cmd = ["bash", str(REPO / "launch" / "local.sh"), "--nproc", "2", "--master-port", str(free_port()),
            "--ds-config", str(REPO / ds_config), "--", "--set", f"run_dir={run_dir}", "--set",
            f"data.path={corpus}"]
-    for item in TINY + list(overrides):
-        cmd += ["--set", item]
+    cmd += set_args(*overrides)
     if resume:
         cmd.append("--resume")
     proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
     return proc
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("router, k, zero, extra", [
@@ -124,7 +99,7 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path, corpus, finished
 
 def test_resume_refuses_an_empty_run_and_a_fresh_start_refuses_a_used_one(tmp_path, corpus, finished_run):
     cmd = ["bash", str(REPO / "launch" / "local.sh"), "--nproc", "2", "--master-port", str(free_port()), "--",
-           "--set", f"run_dir={finished_run}", "--set", f"data.path={corpus}"] + sum([["--set", o] for o in TINY], [])
+           "--set", f"run_dir={finished_run}", "--set", f"data.path={corpus}"] + set_args()
     proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "already holds a run; pass --resume" in proc.stderr
     cmd[cmd.index(f"run_dir={finished_run}")] = f"run_dir={tmp_path / 'new'}"

@@ -1,0 +1,144 @@
+# Shared by the launch scripts (sourced, not run): one option interface, input checks, the environment.
+# Every value stays in a bash array and reaches the command as one argument; nothing is eval'd, so a
+# path or override with shell metacharacters is passed literally.
+
+LAUNCH_NAME=${LAUNCH_NAME:-launch}
+CONFIG=configs/cpu_small.yaml
+DS_CONFIG=""
+NODES=""
+NPROC=""
+MASTER_ADDR_OPT=""
+MASTER_PORT_OPT=29500
+HOSTFILE=""
+NODE_RANK=""
+DRY_RUN=0
+NO_SSH_CHECK=0
+VIA_DEEPSPEED=0
+MPIRUN_ARGS=()
+TRAIN_ARGS=()
+
+die() {
+  echo "$LAUNCH_NAME: $*" >&2
+  exit 2
+}
+
+common_usage() {
+  cat <<'USAGE'
+Options (each script takes the ones its usage lists):
+  --config FILE        YAML run config (default: configs/cpu_small.yaml)
+  --ds-config FILE     DeepSpeed JSON; overrides the run config's ds_config
+  --nodes N            number of nodes
+  --nproc N            processes per node
+  --hostfile FILE      DeepSpeed/Open MPI hostfile: one 'HOST slots=N' per line
+  --master-addr ADDR   address of the rank-0 node
+  --master-port PORT   rendezvous port (default: 29500)
+  --node-rank R        this node's index (per-node launch)
+  --dry-run            print the command(s) instead of running them
+  -h, --help           this text
+Everything after the options (or after --) goes to `sparsemixer-ds train`, e.g. --set train.steps=50 --resume.
+USAGE
+}
+
+# parse_args ACCEPTED "$@": ACCEPTED names the long options this script takes, e.g. "config nproc".
+parse_args() {
+  local accepted=" $1 "
+  shift
+  while [[ $# -gt 0 ]]; do
+    local opt=$1
+    case "$opt" in
+      -h|--help) usage; exit 0 ;;
+      --) shift; break ;;
+      --*) ;;
+      *) break ;;
+    esac
+    local name=${opt#--}
+    [[ "$accepted" == *" $name "* ]] || die "option $opt is not one of this script's (see --help)"
+    case "$name" in
+      dry-run) DRY_RUN=1; shift; continue ;;
+      no-ssh-check) NO_SSH_CHECK=1; shift; continue ;;
+      via-deepspeed) VIA_DEEPSPEED=1; shift; continue ;;
+    esac
+    [[ $# -ge 2 ]] || die "option $opt needs a value"
+    case "$name" in
+      config) CONFIG=$2 ;;
+      ds-config) DS_CONFIG=$2 ;;
+      nodes) NODES=$2 ;;
+      nproc) NPROC=$2 ;;
+      hostfile) HOSTFILE=$2 ;;
+      master-addr) MASTER_ADDR_OPT=$2 ;;
+      master-port) MASTER_PORT_OPT=$2 ;;
+      node-rank) NODE_RANK=$2 ;;
+      mpirun-arg) MPIRUN_ARGS+=("$2") ;;
+    esac
+    shift 2
+  done
+  TRAIN_ARGS=("$@")
+  [[ -f "$CONFIG" ]] || die "run config '$CONFIG' does not exist (see configs/)"
+  if [[ -n "$DS_CONFIG" ]]; then
+    [[ -f "$DS_CONFIG" ]] || die "DeepSpeed config '$DS_CONFIG' does not exist (see ds_configs/)"
+    TRAIN_ARGS=(--set "ds_config=$DS_CONFIG" "${TRAIN_ARGS[@]}")
+  fi
+  [[ -z "$NODES" ]] || positive_int --nodes "$NODES"
+  [[ -z "$NPROC" ]] || positive_int --nproc "$NPROC"
+  [[ "$MASTER_PORT_OPT" =~ ^[0-9]+$ && "$MASTER_PORT_OPT" -ge 1 && "$MASTER_PORT_OPT" -le 65535 ]] ||
+    die "--master-port must be a port number (1-65535), got '$MASTER_PORT_OPT'"
+  [[ -z "$MASTER_ADDR_OPT" ]] || valid_host --master-addr "$MASTER_ADDR_OPT"
+  [[ -z "$NODE_RANK" || "$NODE_RANK" =~ ^[0-9]+$ ]] || die "--node-rank must be an integer >= 0, got '$NODE_RANK'"
+}
+
+positive_int() {
+  [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '$2'"
+}
+
+valid_host() {
+  # Host names and addresses only: letters, digits, '.', '-', '_', ':' (IPv6). Anything else is refused.
+  [[ "$2" =~ ^[A-Za-z0-9._:-]+$ ]] || die "$1: '$2' is not a host name or address"
+}
+
+# read_hostfile FILE: HOSTS and SLOTS arrays from 'HOST slots=N' lines (comments and blank lines skipped).
+read_hostfile() {
+  local file=$1 line host slots n=0
+  [[ -f "$file" ]] || die "hostfile '$file' does not exist"
+  HOSTS=() SLOTS=()
+  while IFS= read -r line || [[ -n "$line" ]]; do
+    n=$((n + 1))
+    line=${line%%#*}
+    [[ "$line" =~ ^[[:space:]]*$ ]] && continue
+    if [[ "$line" =~ ^[[:space:]]*([^[:space:]]+)[[:space:]]+slots=([0-9]+)[[:space:]]*$ ]]; then
+      host=${BASH_REMATCH[1]} slots=${BASH_REMATCH[2]}
+    else
+      die "hostfile '$file' line $n: expected 'HOST slots=N', got '$line'"
+    fi
+    valid_host "hostfile '$file' line $n" "$host"
+    [[ "$slots" -ge 1 ]] || die "hostfile '$file' line $n: slots must be >= 1"
+    HOSTS+=("$host") SLOTS+=("$slots")
+  done <"$file"
+  [[ ${#HOSTS[@]} -ge 1 ]] || die "hostfile '$file' lists no host"
+}
+
+# The project's venv first on PATH (its deepspeed, python and the ninja that built the cached ops),
+# and DeepSpeed's CPU accelerator where there is no GPU.
+setup_env() {
+  local repo=$1
+  [[ -x "$repo/.venv/bin/python" ]] && export PATH="$repo/.venv/bin:$PATH"
+  if ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
+    export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+  fi
+  command -v python >/dev/null || die "no python on PATH; run 'make setup' first"
+}
+
+# preflight WORLD: the run's configs, data and run directory checked for WORLD ranks, before any starts.
+preflight() {
+  python -m sparsemixer_ds.cli check --config "$CONFIG" --world-size "$1" "${TRAIN_ARGS[@]}" >&2 ||
+    die "refusing to launch: fix the error above"
+}
+
+# run_cmd CMD...: print it (--dry-run) or run it.
+run_cmd() {
+  if [[ $DRY_RUN == 1 ]]; then
+    printf '%q ' "$@"
+    echo
+  else
+    "$@"
+  fi
+}
