@@ -22,7 +22,10 @@ DATA ?= data/stdlib-bytes
 NPROC ?= 2
 ARGS ?=
 
-.PHONY: setup test bench pretrain clean
+# What the launch tests run for real: sshd + pdsh (hostfile launch), a one-node SLURM cluster with munge.
+SYSTEM_PACKAGES := openssh-server openssh-client pdsh slurmctld slurmd slurm-client munge
+
+.PHONY: setup system-deps test bench pretrain clean
 
 setup: $(STAMP)
 
@@ -33,7 +36,17 @@ $(STAMP): setup.py
 	$(BIN)/python -m pip install -q -e '.[test,mpi]'
 	touch $@
 
-test: setup
+system-deps:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else \
+	  echo "not installing $$missing (needs root and apt-get): the launch tests that need them skip, saying so"; \
+	fi
+
+test: setup system-deps
 	$(BIN)/python -m pytest -q tests
 
 pretrain: setup $(DATA)/meta.json
