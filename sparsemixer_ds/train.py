@@ -254,6 +254,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             metrics.write(record, events)
             last.update(record)
             progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+        paused = time.perf_counter()  # evaluation and checkpoints do not count against tokens/s
         if done % cfg.eval.interval == 0 or done == total:
             result = evaluate(engine, val_batches, cfg, done, rank)
             metrics.write({"step": done, **result}, [("Eval/loss", result["val_loss"], done),
@@ -264,6 +265,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         interval = cfg.checkpoint.interval
         if (interval and done % interval == 0) or done == total:
             save_checkpoint(engine, cfg, done, done * tokens_per_step, rank)
+        window_start += time.perf_counter() - paused
         progress.update(1)
         last["step"] = done
     progress.close()
