@@ -22,7 +22,12 @@ ROUTERS = {  # router name -> the top_k values it takes
     "sparsemixer-v2": (1, 2),  # SparseMixer-v2 / GRIN, heun3 estimator (Liu et al. 2024)
     "switch": (1, ),  # DeepSpeed TopKGate k=1 with input jitter (Fedus et al. 2021)
     "gshard": (2, ),  # DeepSpeed TopKGate k=2 (Lepikhin et al. 2020)
+    # Ablations of the estimator, for studies (sparsemixer_ds.routing explains each).
+    "sampled": (1, 2),
+    "euler": (1, 2),
+    "midpoint-all": (1, 2),
 }
+BASELINE_ROUTERS = ("switch", "gshard")  # DeepSpeed's own TopKGate
 
 
 class ConfigError(ValueError):
@@ -43,7 +48,7 @@ class ModelConfig:
 
 @dataclass
 class MoEConfig:
-    router: str = "sparsemixer"  # sparsemixer | sparsemixer-v2 | switch | gshard
+    router: str = "sparsemixer"  # sparsemixer | sparsemixer-v2 | switch | gshard (| ablations, see ROUTERS)
     top_k: int = 1  # routes per token: 1 (sparsemixer, switch), 1 or 2 (sparsemixer-v2), 2 (gshard)
     num_experts: int = 8  # E per MoE layer
     moe_every: int = 2  # every moe_every-th block is MoE (Switch: every other one)
@@ -234,7 +239,7 @@ def validate(cfg: RunConfig) -> None:
     _require(0.0 <= moe.jitter_eps < 1.0, f"moe.jitter_eps must be in [0, 1) (the paper uses 0.1); got {moe.jitter_eps}")
     _require(moe.balance_coef >= 0.0, f"moe.balance_coef must be >= 0; got {moe.balance_coef}")
     _require(moe.z_loss_coef >= 0.0, f"moe.z_loss_coef must be >= 0; got {moe.z_loss_coef}")
-    _require(moe.z_loss_coef == 0.0 or moe.router.startswith("sparsemixer"),
+    _require(moe.z_loss_coef == 0.0 or moe.router not in BASELINE_ROUTERS,
              f"moe.z_loss_coef={moe.z_loss_coef} needs a SparseMixer router; DeepSpeed's TopKGate ({moe.router}) "
              "has no z-loss")
     _require(moe.z_loss_coef == 0.0 or moe.balance_coef > 0.0,

@@ -207,7 +207,7 @@ class SparseMixerMoE(MoE):
     """DeepSpeed's MoE layer with a SparseMixerGate; returns ``(output, l_aux, exp_counts)``.
 
     Takes MoE's constructor arguments plus ``jitter_eps``, ``estimator`` and ``z_loss_coef``. With
-    the midpoint estimator it owns SparseMixer's per-channel output scale ``omega`` [M]
+    the midpoint estimator (and its midpoint-all ablation) it owns SparseMixer's per-channel output scale ``omega`` [M]
     (initialised to ones, trained, a non-expert parameter), applied to the experts' combined output.
     """
 
@@ -248,7 +248,7 @@ class SparseMixerMoE(MoE):
         self.deepspeed_moe.gate = gate
         weight = gate.wg.weight
         omega = None
-        if gate.estimator == "midpoint":
+        if gate.estimator.startswith("midpoint"):
             omega = nn.Parameter(torch.ones(weight.shape[1], dtype=weight.dtype, device=weight.device))
         self.register_parameter("omega", omega)
 
@@ -297,6 +297,11 @@ def convert(model: nn.Module, **sparsemixer_kwargs) -> int:
     return len(targets)
 
 
+# SparseMixer routers by name -> their estimator (sparsemixer_ds.routing.ESTIMATORS).
+ROUTER_ESTIMATORS = {"sparsemixer": "midpoint", "sparsemixer-v2": "heun3", "sampled": "sampled", "euler": "euler",
+                     "midpoint-all": "midpoint-all"}
+
+
 def make_moe(router: str,
              hidden_size: int,
              expert: nn.Module,
@@ -312,20 +317,20 @@ def make_moe(router: str,
              z_loss_coef: float = 0.0) -> MoE:
     """An MoE layer for a router name, so that comparing routers is one config change.
 
-    ``sparsemixer`` (midpoint) and ``sparsemixer-v2`` (heun3) are SparseMixerMoE; ``switch`` is
-    DeepSpeed's TopKGate with k=1 and input jitter, ``gshard`` its TopKGate with k=2.
+    ``sparsemixer`` (midpoint) and ``sparsemixer-v2`` (heun3) are SparseMixerMoE, as are the
+    estimator ablations named after their estimator; ``switch`` is DeepSpeed's TopKGate with k=1
+    and input jitter, ``gshard`` its TopKGate with k=2.
     """
     common = dict(num_experts=num_experts, ep_size=ep_size, k=k, capacity_factor=capacity_factor,
                   eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity, drop_tokens=drop_tokens)
-    if router in ("sparsemixer", "sparsemixer-v2"):
-        estimator = "midpoint" if router == "sparsemixer" else "heun3"
-        return SparseMixerMoE(hidden_size, expert, jitter_eps=jitter_eps, estimator=estimator,
+    if router in ROUTER_ESTIMATORS:
+        return SparseMixerMoE(hidden_size, expert, jitter_eps=jitter_eps, estimator=ROUTER_ESTIMATORS[router],
                               z_loss_coef=z_loss_coef, **common)
     if router in ("switch", "gshard"):
         if not num_experts % ep_size == 0:
             raise ValueError(f"num_experts={num_experts} must be divisible by ep_size={ep_size}")
         return MoE(hidden_size, expert, noisy_gate_policy="Jitter" if router == "switch" else None, **common)
-    raise ValueError(f"router must be one of sparsemixer, sparsemixer-v2, switch, gshard; got {router!r}")
+    raise ValueError(f"router must be one of {', '.join([*ROUTER_ESTIMATORS, 'switch', 'gshard'])}; got {router!r}")
 
 
 class RouterMonitor:

@@ -20,6 +20,14 @@ int_0^1 L'(t h) h dt and estimates it from the one expert that ran:
 
 The argmax draw always runs at full scale (c = 1), which keeps the forward pass of the likely
 expert exact (ReinMax, Liu et al. 2023, arXiv:2304.08612, motivates the same trade).
+
+Ablations, for studies rather than training (benchmarks/fidelity.py, benchmarks/convergence.py):
+- sampled: D ~ p, weight p_D, the plain gradient of p_D (c = 1, s = 1): sampling without any
+  routing-term estimate.
+- euler: SparseMixer's first-order rule, L(h) - L(0) ~ L'(h) h: full-scale forward, router
+  gradient doubled (c = 1, s = 2).
+- midpoint-all: midpoint with the coin for the argmax draw too. Exactly unbiased when L is
+  quadratic (the midpoint rule is exact there), at the cost of perturbing the likely expert.
 """
 from typing import NamedTuple, Tuple
 
@@ -30,14 +38,19 @@ __all__ = ["sparsemixer", "EstimatorRule", "ESTIMATORS"]
 
 class EstimatorRule(NamedTuple):
     """How one estimator scales the forward value and the backward signal of p_D."""
-    c_low: float  # forward scale of a non-argmax draw that loses the coin
-    q: float  # probability that a non-argmax draw keeps full scale (c = 1)
+    c_low: float  # forward scale of a draw that loses the coin
+    q: float  # probability that a draw keeps full scale (c = 1)
     s: float  # factor on the router gradient d p_D / dz
+    exempt_argmax: bool = True  # the argmax draw always keeps c = 1
 
 
 ESTIMATORS = {
     "midpoint": EstimatorRule(c_low=0.5, q=0.5, s=2.0),
     "heun3": EstimatorRule(c_low=1.0 / 3.0, q=0.25, s=1.0),
+    # Ablations (see the module docstring).
+    "sampled": EstimatorRule(c_low=1.0, q=1.0, s=1.0),
+    "euler": EstimatorRule(c_low=1.0, q=1.0, s=2.0),
+    "midpoint-all": EstimatorRule(c_low=0.5, q=0.5, s=2.0, exempt_argmax=False),
 }
 
 
@@ -69,7 +82,8 @@ def sparsemixer(logits: torch.Tensor,
             winner are masked before the softmax: (m - z_i) / max(|z_i|, m) > 2 eps, m the max.
         training: sample D ~ p (inverse CDF, one uniform draw per token and round) and apply the
             estimator's forward scale; else D = argmax and c = 1.
-        estimator: "midpoint" (SparseMixer) or "heun3" (SparseMixer-v2 / GRIN).
+        estimator: "midpoint" (SparseMixer) or "heun3" (SparseMixer-v2 / GRIN); "sampled",
+            "euler" and "midpoint-all" are ablations (see the module docstring).
 
     Returns:
         experts_SK: int64 [S, K], the chosen experts, round by round.
@@ -102,7 +116,9 @@ def sparsemixer(logits: torch.Tensor,
                 cdf_SE = probs_detached.cumsum(dim=1)
                 threshold_S1 = (1.0 - coins_S2[:, :1]) * cdf_SE[:, -1:]
                 chosen_S = (cdf_SE < threshold_S1).sum(dim=1)
-                keep_full_S = (chosen_S == argmax_S) | (coins_S2[:, 1] < rule.q)
+                keep_full_S = coins_S2[:, 1] < rule.q
+                if rule.exempt_argmax:
+                    keep_full_S = keep_full_S | (chosen_S == argmax_S)
                 scale_S = torch.where(keep_full_S, 1.0, rule.c_low)
             else:
                 chosen_S = argmax_S

@@ -224,7 +224,7 @@ def test_heun3_layer_has_no_omega():
     ({"noisy_gate_policy": "Jitter"}, "noisy_gate_policy"),
     ({"top2_2nd_expert_sampling": False}, "top2_2nd_expert_sampling"),
     ({"jitter_eps": -1.0}, "jitter_eps"),
-    ({"estimator": "sampled"}, "estimator"),
+    ({"estimator": "straight-through"}, "estimator"),
     ({"z_loss_coef": -0.1}, "z_loss_coef"),
 ])
 def test_bad_gate_options_are_named(kwargs, name):

@@ -28,6 +28,9 @@ def small_model(*overrides):
     ("sparsemixer-v2", 2, SparseMixerGate, "heun3"),
     ("switch", 1, TopKGate, None),
     ("gshard", 2, TopKGate, None),
+    ("sampled", 1, SparseMixerGate, "sampled"),
+    ("euler", 2, SparseMixerGate, "euler"),
+    ("midpoint-all", 1, SparseMixerGate, "midpoint-all"),
 ])
 def test_router_choice_builds_the_right_moe_blocks(router, k, gate_type, estimator):
     model, _ = small_model(f"moe.router={router}", f"moe.top_k={k}")
@@ -37,6 +40,8 @@ def test_router_choice_builds_the_right_moe_blocks(router, k, gate_type, estimat
         gate = block.ffn.deepspeed_moe.gate
         assert type(gate) is gate_type and gate.k == k
         assert getattr(gate, "estimator", None) == estimator
+        # omega belongs to the midpoint estimators, whose forward pass runs some experts at half scale
+        assert (getattr(block.ffn, "omega", None) is not None) == (estimator or "").startswith("midpoint")
     out = model(torch.randint(0, 50, (2, 16)))
     assert out.logits.shape == (2, 16, 50) and out.aux_loss.shape == () and out.aux_loss.requires_grad
     assert model.embed.weight.data_ptr() == model.embed.weight.data_ptr()

@@ -8,8 +8,10 @@ import torch
 from sparsemixer_ds import sparsemixer
 
 # The specification's constants (SparseMixer 2023; SparseMixer-v2 / GRIN 2024), written out here so
-# that the tests do not read them from the code under test: (c_low, q, s).
-SPEC = {"midpoint": (0.5, 0.5, 2.0), "heun3": (1.0 / 3.0, 0.25, 1.0)}
+# that the tests do not read them from the code under test: (c_low, q, s, argmax draw exempt from the
+# coin). sampled, euler and midpoint-all are the ablations of benchmarks/.
+SPEC = {"midpoint": (0.5, 0.5, 2.0, True), "heun3": (1.0 / 3.0, 0.25, 1.0, True), "sampled": (1.0, 1.0, 1.0, True),
+        "euler": (1.0, 1.0, 2.0, True), "midpoint-all": (0.5, 0.5, 2.0, False)}
 
 # Upper 0.1% points of the chi-square distribution (standard tables), by degrees of freedom.
 CHI2_999 = {3: 16.266, 5: 20.515, 11: 31.264, 19: 43.820}
@@ -75,9 +77,9 @@ def test_samples_follow_p(top_k):
     assert chi2 < CHI2_999[len(expected) - 1], (observed, tokens * expected)
 
 
-@pytest.mark.parametrize("estimator", ["midpoint", "heun3"])
+@pytest.mark.parametrize("estimator", sorted(SPEC))
 def test_forward_value_is_c_times_p_with_the_coin_frequencies(estimator):
-    c_low, q, _ = SPEC[estimator]
+    c_low, q, _, exempt = SPEC[estimator]
     torch.manual_seed(1)
     logits = torch.randn(20000, 6) * 0.3  # small spread: most experts survive the jitter mask
     experts, weights = sparsemixer(logits, top_k=1, estimator=estimator)
@@ -85,18 +87,19 @@ def test_forward_value_is_c_times_p_with_the_coin_frequencies(estimator):
     p_chosen = probs.gather(1, experts).squeeze(1)
     c = weights[:, 0].double() / p_chosen
     is_argmax = experts[:, 0] == probs.argmax(dim=1)
-    assert torch.allclose(c[is_argmax], torch.ones_like(c[is_argmax]), atol=1e-5)
-    others = c[~is_argmax]
-    full = (others - 1).abs() < 1e-5
-    low = (others - c_low).abs() < 1e-5
-    assert bool((full | low).all()), "every non-argmax weight is p_D or c_low * p_D"
-    n = others.numel()
+    if exempt:
+        assert torch.allclose(c[is_argmax], torch.ones_like(c[is_argmax]), atol=1e-5)
+    coined = c[~is_argmax] if exempt else c
+    full = (coined - 1).abs() < 1e-5
+    low = (coined - c_low).abs() < 1e-5
+    assert bool((full | low).all()), "every coined weight is p_D or c_low * p_D"
+    n = coined.numel()
     assert n > 2000, n
     sigma = math.sqrt(q * (1 - q) / n)
-    assert abs(full.double().mean().item() - q) < 4 * sigma
+    assert abs(full.double().mean().item() - q) <= 4 * sigma
 
 
-@pytest.mark.parametrize("estimator", ["midpoint", "heun3"])
+@pytest.mark.parametrize("estimator", sorted(SPEC))
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("jitter_eps", [0.1, 0.5])
 def test_gradient_matches_the_formula(estimator, top_k, jitter_eps):
@@ -171,7 +174,7 @@ def test_any_float_dtype_in_float32_weights_out(dtype):
     ({"top_k": 0}, "top_k"),
     ({"top_k": 5}, "top_k"),
     ({"jitter_eps": -0.1}, "jitter_eps"),
-    ({"estimator": "euler"}, "estimator"),
+    ({"estimator": "reinmax"}, "estimator"),
 ])
 def test_bad_arguments_are_named(kwargs, name):
     with pytest.raises(ValueError, match=name):
