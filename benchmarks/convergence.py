@@ -1,0 +1,210 @@
+"""Convergence study: routers side by side, equal tokens, steps and seeds, on one process.
+
+Every arm trains the same model (a run config, `--set` overrides) on the same batches with the
+same seeds; only `moe.router` (and `moe.top_k`) changes. Each (arm, seed) run is one JSON file in
+the output directory, written when it finishes, so an interrupted study continues where it stopped
+and a study can grow by more seeds. The report: validation-loss curves (mean and band over seeds),
+final loss per arm (mean +- std), the step where each arm first reaches the baseline's final mean
+loss (speed-up = baseline steps / arm steps), and where the mean curves cross the baseline's.
+
+    python benchmarks/convergence.py --config configs/convergence_small.yaml --seeds 0 1 2
+    python benchmarks/convergence.py --config configs/convergence_small.yaml --top-k 2 \\
+        --arms gshard sparsemixer-v2 --baseline gshard --out benchmarks/results/convergence-top2
+    python benchmarks/convergence.py --smoke      # two arms, one seed, a few steps (CI)
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from sparsemixer_ds.config import load_config, total_steps  # noqa: E402
+from sparsemixer_ds.data import Batches, eval_batches, open_split  # noqa: E402
+from sparsemixer_ds.model import MoELM  # noqa: E402
+from sparsemixer_ds.moe import optimizer_param_groups  # noqa: E402
+from sparsemixer_ds.train import read_data_meta, resolve_vocab, step_seed, warmup_cosine  # noqa: E402
+
+TOP1_ARMS = ["switch", "sampled", "euler", "sparsemixer", "midpoint-all", "sparsemixer-v2"]
+
+
+def train_arm(cfg, arm: str, seed: int, val_batches: int, device: torch.device, log) -> dict:
+    """One run: the validation-loss curve of ``arm`` with ``seed``."""
+    cfg.moe.router, cfg.train.seed = arm, seed
+    data_dir = Path(cfg.data.path)
+    resolve_vocab(cfg, read_data_meta(data_dir))
+    t = cfg.train
+    steps = total_steps(cfg, 1)
+    batches = Batches(open_split(data_dir, "train"), cfg.model.seq_len, t.micro_batch, 0, 1, t.grad_accum, seed)
+    # The same validation windows for every arm and seed.
+    val = eval_batches(open_split(data_dir, "val"), cfg.model.seq_len, cfg.eval.batch_size, 0, 1, val_batches)
+    torch.manual_seed(seed)
+    model = MoELM(cfg.model, cfg.moe).to(device)
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg, steps))
+    curve, start = [], time.perf_counter()
+
+    def evaluate(step: int) -> None:
+        model.eval()
+        total = count = 0.0
+        torch.manual_seed(step_seed(seed, step, 1 << 30, 0))
+        with torch.no_grad():
+            for x, y in val:
+                logits = model(x.to(device)).logits
+                total += float(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum"))
+                count += y.numel()
+        model.train()
+        curve.append({"step": step, "val_loss": total / count})
+        log(f"{arm} seed {seed} step {step}: val_loss {total / count:.4f} ({time.perf_counter() - start:.0f} s)")
+
+    for step in range(steps):
+        for micro in range(t.grad_accum):
+            x, y = batches.get(step, micro)
+            torch.manual_seed(step_seed(seed, step, micro, 0))
+            out = model(x.to(device))
+            ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.to(device).flatten())
+            ((ce + cfg.moe.balance_coef * out.aux_loss) / t.grad_accum).backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        if (step + 1) % cfg.eval.interval == 0 or step + 1 == steps:
+            evaluate(step + 1)
+    tokens = steps * t.micro_batch * t.grad_accum * cfg.model.seq_len
+    return {"arm": arm, "seed": seed, "steps": steps, "tokens": tokens, "seconds": time.perf_counter() - start,
+            "val_tokens": len(val) * cfg.eval.batch_size * cfg.model.seq_len, "curve": curve}
+
+
+def first_reach(curve: list, target: float):
+    """The first step whose validation loss is <= target, interpolated between evaluations."""
+    prev = None
+    for point in curve:
+        if point["val_loss"] <= target:
+            if prev is None:
+                return point["step"]
+            frac = (prev["val_loss"] - target) / (prev["val_loss"] - point["val_loss"])
+            return prev["step"] + frac * (point["step"] - prev["step"])
+        prev = point
+    return None
+
+
+def summarize(runs: list, baseline: str) -> dict:
+    """Per arm: the mean curve, final loss mean and std, steps to the baseline's final loss, crossings."""
+    by_arm = {}
+    for run in runs:
+        by_arm.setdefault(run["arm"], []).append(run)
+    means = {}
+    for arm, arm_runs in by_arm.items():
+        steps = [p["step"] for p in arm_runs[0]["curve"]]
+        means[arm] = [{"step": s, "val_loss": statistics.fmean(r["curve"][i]["val_loss"] for r in arm_runs)}
+                      for i, s in enumerate(steps)]
+    summary = {}
+    base_final = means[baseline][-1]["val_loss"] if baseline in means else None
+    for arm, arm_runs in by_arm.items():
+        finals = [r["curve"][-1]["val_loss"] for r in arm_runs]
+        reach = first_reach(means[arm], base_final) if base_final is not None else None
+        base_steps = means[baseline][-1]["step"] if base_final is not None else None
+        crossings = []
+        if arm != baseline and baseline in means:
+            diff = [a["val_loss"] - b["val_loss"] for a, b in zip(means[arm], means[baseline])]
+            crossings = [means[arm][i]["step"] for i in range(1, len(diff)) if (diff[i - 1] > 0) != (diff[i] > 0)]
+        summary[arm] = {
+            "seeds": len(arm_runs),
+            "final_mean": statistics.fmean(finals),
+            "final_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+            "steps_to_baseline_final": reach,
+            "speedup": (base_steps / reach) if reach else None,
+            "crossings": crossings,
+            "mean_curve": means[arm],
+        }
+    return summary
+
+
+def plot(runs: list, summary: dict, out_png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for arm, row in summary.items():
+        arm_runs = [r for r in runs if r["arm"] == arm]
+        steps = [p["step"] for p in row["mean_curve"]]
+        mean = [p["val_loss"] for p in row["mean_curve"]]
+        lo = [min(r["curve"][i]["val_loss"] for r in arm_runs) for i in range(len(steps))]
+        hi = [max(r["curve"][i]["val_loss"] for r in arm_runs) for i in range(len(steps))]
+        ax.plot(steps, mean, label=f"{arm} ({row['seeds']} seeds)")
+        ax.fill_between(steps, lo, hi, alpha=0.15)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation loss (nats / token)")
+    ax.set_title("validation loss: mean over seeds, band = min..max")
+    tail = [p["val_loss"] for row in summary.values() for p in row["mean_curve"][len(row["mean_curve"]) // 3:]]
+    if tail:
+        ax.set_ylim(min(tail) - 0.02, max(tail) + 0.05)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=Path("configs/convergence_small.yaml"))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--arms", nargs="+", default=TOP1_ARMS)
+    parser.add_argument("--baseline", default="switch")
+    parser.add_argument("--top-k", type=int, default=1)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--val-batches", type=int, default=64, help="fixed validation batches of eval.batch_size")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/convergence"))
+    parser.add_argument("--report-only", action="store_true", help="summarize the runs already in --out")
+    parser.add_argument("--smoke", action="store_true", help="switch vs sparsemixer, one seed, 6 steps")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = list(args.set) + [f"moe.top_k={args.top_k}", "moe.ep_size=1"]
+    if args.smoke:
+        args.arms, args.seeds, args.val_batches = ["switch", "sparsemixer"], [0], 2
+        overrides += ["train.steps=6", "eval.interval=3", "model.d_model=32", "model.n_heads=2", "model.n_layers=2",
+                      "moe.expert_hidden=32", "model.ffn_hidden=64", "model.seq_len=32", "train.micro_batch=4",
+                      "eval.batch_size=4"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    if not args.report_only:
+        for seed in args.seeds:
+            for arm in args.arms:
+                path = args.out / f"{arm}-seed{seed}.json"
+                if path.exists():
+                    continue  # finished earlier
+                cfg = load_config(args.config, overrides + [f"moe.router={arm}"])
+                run = train_arm(cfg, arm, seed, args.val_batches, device, print)
+                path.write_text(json.dumps(run))
+    runs = [json.loads(p.read_text()) for p in sorted(args.out.glob("*-seed*.json"))]
+    runs = [r for r in runs if r["arm"] in args.arms]
+    summary = summarize(runs, args.baseline)
+    print(f"\nfinal validation loss, baseline {args.baseline}; {runs[0]['tokens']:,} training tokens per run, "
+          f"{runs[0]['val_tokens']:,} validation tokens")
+    header = f"{'arm':<16} {'seeds':>5} | {'final loss':>17} | {'steps to baseline final':>23} {'speed-up':>8} | crossings"
+    print(header)
+    print("-" * len(header))
+    for arm, row in sorted(summary.items(), key=lambda kv: kv[1]["final_mean"]):
+        reach = f"{row['steps_to_baseline_final']:.0f}" if row["steps_to_baseline_final"] else "not reached"
+        speed = f"{row['speedup']:.2f}x" if row["speedup"] else "-"
+        print(f"{arm:<16} {row['seeds']:>5} | {row['final_mean']:.4f} +- {row['final_std']:.4f} | {reach:>23} "
+              f"{speed:>8} | {row['crossings']}")
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot(runs, summary, args.out / "curves.png")
+    print(f"wrote {args.out / 'summary.json'} and {args.out / 'curves.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""End-to-end training throughput of each router: real runs of `sparsemixer-ds train` via launch/local.sh.
+
+For 1 and 2 ranks (ep_size = ranks), each router trains the default model (configs/cpu_small.yaml)
+for a fixed number of steps; tokens/s is the median of the logged windows after the first (which
+holds start-up). The routers run in turn, and the whole round repeats (A B C D A B C D ...).
+
+    python benchmarks/e2e.py                # 2 rounds, 80 steps each
+    python benchmarks/e2e.py --smoke        # 1 round, tiny model, 1 rank, 2 routers (CI)
+"""
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ROUTERS = [("sparsemixer", 1), ("sparsemixer-v2", 1), ("switch", 1), ("gshard", 2)]
+TINY = ["model.d_model=32", "model.n_heads=2", "model.n_layers=2", "model.seq_len=32", "model.ffn_hidden=64",
+        "moe.num_experts=4", "moe.expert_hidden=32", "train.micro_batch=4", "eval.batches=1", "eval.batch_size=4"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_once(router: str, k: int, ranks: int, steps: int, extra: list, workdir: Path) -> float:
+    run_dir = workdir / f"{router}-{ranks}-{len(list(workdir.iterdir()))}"
+    sets = [f"run_dir={run_dir}", f"moe.router={router}", f"moe.top_k={k}", f"moe.ep_size={ranks}",
+            f"train.steps={steps}", f"eval.interval={steps}", "checkpoint.interval=0", "logging.interval=10",
+            "logging.progress=false", "logging.plot=false", *extra]
+    cmd = ["bash", str(REPO / "launch" / "local.sh"), "--nproc", str(ranks), "--master-port", str(free_port()), "--"]
+    cmd += [arg for item in sets for arg in ("--set", item)]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{router} on {ranks} ranks failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    windows = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]
+    return statistics.median(windows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--data", default="data/stdlib-bytes")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/e2e.json"))
+    args = parser.parse_args()
+    routers, extra = ROUTERS, [f"data.path={args.data}"]
+    if args.smoke:
+        args.rounds, args.steps, args.ranks, routers = 1, 30, [1], ROUTERS[::2]
+        extra += TINY
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for ranks in args.ranks:
+            for _ in range(args.rounds):
+                for router, k in routers:
+                    tok_s = run_once(router, k, ranks, args.steps, extra, Path(tmp))
+                    results.setdefault(f"{ranks}", {}).setdefault(router, []).append(tok_s)
+    print(f"training tokens/s, `sparsemixer-ds train` via launch/local.sh, configs/cpu_small.yaml, {args.steps} steps, "
+          f"median window of each run, then median over {args.rounds} interleaved rounds")
+    header = f"{'ranks':>5} {'router':<15} | {'tokens/s':>9} | {'vs switch':>9}"
+    print(header)
+    print("-" * len(header))
+    table = []
+    for ranks, by_router in results.items():
+        switch = statistics.median(by_router["switch"])
+        for router, values in by_router.items():
+            tok_s = statistics.median(values)
+            table.append({"ranks": int(ranks), "router": router, "tokens_per_s": tok_s, "vs_switch": tok_s / switch,
+                          "runs": values})
+            print(f"{ranks:>5} {router:<15} | {tok_s:>9,.0f} | {tok_s / switch:>8.2f}x")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"steps": args.steps, "rounds": args.rounds, "rows": table}, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
