@@ -25,7 +25,7 @@ ARGS ?=
 # What the launch tests run for real: sshd + pdsh (hostfile launch), a one-node SLURM cluster with munge.
 SYSTEM_PACKAGES := openssh-server openssh-client pdsh slurmctld slurmd slurm-client munge
 
-.PHONY: setup system-deps test bench pretrain clean
+.PHONY: setup system-deps test bench study pretrain clean
 
 setup: $(STAMP)
 
@@ -55,8 +55,18 @@ pretrain: setup $(DATA)/meta.json
 $(DATA)/meta.json: | $(STAMP)
 	$(BIN)/sparsemixer-ds prepare --out $(DATA)
 
-bench: setup
+bench: setup $(DATA)/meta.json
 	$(BIN)/python benchmarks/gate.py
+	$(BIN)/python benchmarks/moe_layer.py
+	$(BIN)/deepspeed --num_gpus 2 benchmarks/moe_layer.py
+	$(BIN)/python benchmarks/e2e.py --data $(DATA)
+	$(BIN)/python benchmarks/fidelity.py
+
+# The convergence study's short regime (about 45 minutes on 2 cores; results in benchmarks/results/).
+study: setup $(DATA)/meta.json
+	$(BIN)/python benchmarks/convergence.py --set data.path=$(DATA)
+	$(BIN)/python benchmarks/convergence.py --set data.path=$(DATA) --top-k 2 --arms gshard sparsemixer-v2 \
+	  --baseline gshard --out benchmarks/results/convergence-top2
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

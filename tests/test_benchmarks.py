@@ -33,3 +33,41 @@ def test_fidelity_smoke_bears_out_the_estimators_facts(tmp_path):
     for loss in results.values():
         for arm, row in loss.items():
             assert row["max_sampling_error"] < 5.0, (arm, row)
+
+
+def run_script(*args, timeout=300):
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=launch_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_moe_layer_smoke(tmp_path):
+    out = tmp_path / "layer.json"
+    stdout = run_script(REPO / "benchmarks" / "moe_layer.py", "--smoke", "--out", out)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["baseline"], r["k"]) for r in rows] == [("switch", 1), ("gshard", 2)]
+    for r in rows:
+        assert r["ratio"] == r["sparsemixer_ms"] / r["deepspeed_ms"] and f"{r['ratio']:.2f}x" in stdout
+
+
+def test_end_to_end_smoke(tmp_path, corpus):
+    out = tmp_path / "e2e.json"
+    run_script(REPO / "benchmarks" / "e2e.py", "--smoke", "--data", corpus, "--json", out)
+    rows = {r["router"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"sparsemixer", "switch"} and rows["switch"]["vs_switch"] == 1.0
+    assert all(r["tokens_per_s"] > 0 for r in rows.values())
+
+
+def test_convergence_smoke_and_resumable(tmp_path, corpus):
+    out = tmp_path / "study"
+    args = [REPO / "benchmarks" / "convergence.py", "--smoke", "--set", f"data.path={corpus}", "--out", out]
+    stdout = run_script(*args)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"switch", "sparsemixer"} and (out / "curves.png").stat().st_size > 5000
+    assert summary["switch"]["speedup"] == 1.0, "the baseline reaches its own final loss at its last step"
+    assert [p["step"] for p in summary["sparsemixer"]["mean_curve"]] == [3, 6]
+    assert "switch seed 0 step 6" in stdout
+    again = run_script(*args)
+    assert "seed 0 step" not in again, "finished runs are not repeated"
+    assert json.loads((out / "summary.json").read_text()) == summary
