@@ -14,7 +14,6 @@ loss (speed-up = baseline steps / arm steps), and where the mean curves cross th
 """
 import argparse
 import json
-import math
 import os
 import statistics
 import time

@@ -6,24 +6,27 @@ import sys
 from conftest import REPO, launch_env
 
 
+def run_script(*args, timeout=300):
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=launch_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
 def test_gate_benchmark_smoke(tmp_path):
     out = tmp_path / "gate.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gate.py"), "--smoke", "--json", str(out)],
-                          cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    stdout = run_script(REPO / "benchmarks" / "gate.py", "--smoke", "--json", out)
     rows = json.loads(out.read_text())["rows"]
     assert [row["k"] for row in rows] == [1, 2]
     for row in rows:
         assert row["topk_ms"] > 0 and row["sparsemixer_ms"] > 0 and row["floor_ms"] > 0
         assert row["vs_topk"] == row["sparsemixer_ms"] / row["topk_ms"]
-        assert f"{row['vs_topk']:.2f}x" in proc.stdout
+        assert f"{row['vs_topk']:.2f}x" in stdout
 
 
 def test_fidelity_smoke_bears_out_the_estimators_facts(tmp_path):
     out = tmp_path / "fidelity.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fidelity.py"), "--smoke", "--json", str(out)],
-                          cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(REPO / "benchmarks" / "fidelity.py", "--smoke", "--json", out)
     results = json.loads(out.read_text())["results"]
     # The midpoint rule is exact for a quadratic: with the coin on every draw, no bias at all.
     assert results["quadratic"]["midpoint-all"]["max_bias"] < 1e-10
@@ -33,13 +36,6 @@ def test_fidelity_smoke_bears_out_the_estimators_facts(tmp_path):
     for loss in results.values():
         for arm, row in loss.items():
             assert row["max_sampling_error"] < 5.0, (arm, row)
-
-
-def run_script(*args, timeout=300):
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=launch_env(), capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
 
 
 def test_moe_layer_smoke(tmp_path):
