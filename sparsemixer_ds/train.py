@@ -30,6 +30,7 @@ from .moe import RouterMonitor, optimizer_param_groups
 
 CHECKPOINTS = "checkpoints"
 TAG_PREFIX = "step_"
+COMPLETE = "COMPLETE"  # written into a tag's directory once every rank has saved its part
 
 
 EVAL_STREAM = 1 << 30  # the seed stream of evaluations, apart from every micro-step's
@@ -55,10 +56,12 @@ def warmup_cosine(cfg: RunConfig, total: int):
 
 
 def checkpoint_tags(ckpt_dir: Path) -> List[str]:
-    """Complete checkpoint tags, oldest first."""
+    """Complete checkpoint tags, oldest first. A tag without its COMPLETE marker (a save that was
+    interrupted) is never taken for a checkpoint."""
     if not ckpt_dir.is_dir():
         return []
-    return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
+    return sorted(p.name for p in ckpt_dir.iterdir()
+                  if p.is_dir() and p.name.startswith(TAG_PREFIX) and (p / COMPLETE).is_file())
 
 
 def read_data_meta(data_dir: Path) -> dict:
@@ -281,11 +284,16 @@ def save_checkpoint(engine, cfg: RunConfig, step: int, tokens: int, rank: int) -
     """Save through DeepSpeed (experts per expert), then keep only the newest ``checkpoint.keep``."""
     ckpt_dir = Path(cfg.run_dir) / CHECKPOINTS
     client = {"step": step, "tokens": tokens, "config": config_dict(cfg)}
-    engine.save_checkpoint(str(ckpt_dir), tag=f"{TAG_PREFIX}{step:08d}", client_state=client)
-    dist.barrier()
+    tag = f"{TAG_PREFIX}{step:08d}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client)
+    dist.barrier()  # every rank's files are written
     if rank == 0:
-        for tag in checkpoint_tags(ckpt_dir)[:-cfg.checkpoint.keep]:
-            shutil.rmtree(ckpt_dir / tag)
+        marker = ckpt_dir / tag / COMPLETE
+        partial = marker.with_suffix(".tmp")
+        partial.write_text(json.dumps({"step": step, "tokens": tokens}))
+        partial.replace(marker)  # atomic: the tag is complete or it is not
+        for old in checkpoint_tags(ckpt_dir)[:-cfg.checkpoint.keep]:
+            shutil.rmtree(ckpt_dir / old)
     dist.barrier()
 
 

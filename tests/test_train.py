@@ -81,15 +81,19 @@ def finished_run(tmp_path_factory, corpus):
 
 
 def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path, corpus, finished_run):
-    # Stop after step 4: the same run directory as it was then (checkpoint step 4, metrics up to 4).
+    # The job died while saving step 8: its tag directory is there, half written (one expert file and
+    # the completion marker missing), and metrics end at step 4, where the last complete checkpoint is.
     run_dir = tmp_path / "resumed"
     shutil.copytree(finished_run, run_dir)
-    shutil.rmtree(run_dir / "checkpoints" / "step_00000008")
+    partial = run_dir / "checkpoints" / "step_00000008"
+    (partial / "COMPLETE").unlink()
+    next(partial.glob("layer_1_expert_3_*")).unlink()
     full = read_metrics(finished_run)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in full if m["step"] <= 4))
     launch(run_dir, corpus, "train.steps=8", "checkpoint.interval=4", "checkpoint.keep=3", "eval.interval=4",
            "moe.eval_capacity_factor=4.0", "logging.plot=false", resume=True)
     resumed = read_metrics(run_dir)
+    assert (partial / "COMPLETE").is_file(), "step 8 was saved again, whole this time"
     assert [m["step"] for m in resumed] == [m["step"] for m in full]
     for want, got in zip(full, resumed):
         for key in ("loss", "balance_loss", "lr", "val_loss"):
