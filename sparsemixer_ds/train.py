@@ -19,6 +19,7 @@ import deepspeed
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
@@ -81,6 +82,16 @@ def resolve_vocab(cfg: RunConfig, meta: dict) -> None:
                           f"({meta['vocab_size']} in {cfg.data.path}/meta.json); set it to 0 to take the data's")
 
 
+def check_token_ids(data_dir: Path, vocab_size: int) -> None:
+    """Every token id in the data must be a row of the embedding (one pass over each memory map)."""
+    for split in ("train", "val"):
+        tokens = open_split(data_dir, split)
+        if len(tokens) and int(tokens.data.max()) >= vocab_size:
+            raise ConfigError(f"{tokens.path} holds token id {int(tokens.data.max())}, outside the vocabulary of "
+                              f"{vocab_size}; the token file does not belong to this meta.json or "
+                              "model.vocab_size is too small (prepare the data again, or set model.vocab_size=0)")
+
+
 def fill_monitor_paths(ds_config: dict, run_dir: Path) -> None:
     """Monitors enabled in the DS JSON without an output path write into the run directory."""
     for name in ("tensorboard", "csv_monitor"):
@@ -128,8 +139,15 @@ def evaluate(engine, batches, cfg: RunConfig, step: int, rank: int) -> dict:
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
 
+# What fixes the shape of the weights: a checkpoint saved with other values cannot be loaded.
+SHAPE_KEYS = ("model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.seq_len",
+              "model.positions", "model.ffn_hidden", "moe.router", "moe.num_experts", "moe.moe_every",
+              "moe.expert_hidden")
+
+
 def prepare_run_dir(cfg: RunConfig, resume: bool) -> Optional[str]:
-    """Refuse to overwrite a finished or running run; return the tag to resume from."""
+    """Refuse to overwrite a finished or running run, or to resume one of another model shape, or to
+    write where nothing can be written; return the tag to resume from."""
     run_dir = Path(cfg.run_dir)
     tags = checkpoint_tags(run_dir / CHECKPOINTS)
     if resume and not tags:
@@ -138,7 +156,28 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> Optional[str]:
     if not resume and (tags or (run_dir / "metrics.jsonl").exists()):
         raise ConfigError(f"run_dir {run_dir} already holds a run; pass --resume to continue it, "
                           "or set run_dir to a new directory")
-    return tags[-1] if resume else None
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"run_dir {run_dir}: {existing} is a file, not a directory; choose another run_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run_dir {run_dir}: {existing} is not writable; choose a run_dir you can write to")
+    if not resume:
+        return None
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    now = config_dict(cfg)
+    differ = [f"{key}: {_get(saved, key)!r} in the checkpoint, {_get(now, key)!r} now" for key in SHAPE_KEYS
+              if _get(saved, key) != _get(now, key)]
+    if differ:
+        raise ConfigError(f"--resume: the checkpoints in {run_dir} are of another model shape ("
+                          + "; ".join(differ) + "); resume with the run's own settings (its config.yaml)")
+    return tags[-1]
+
+
+def _get(values: dict, dotted: str):
+    section, _, key = dotted.partition(".")
+    return values.get(section, {}).get(key)
 
 
 class Plan(NamedTuple):
@@ -156,6 +195,7 @@ def preflight(cfg: RunConfig, world: int, resume: bool) -> Plan:
     ds_config = load_ds_config(Path(cfg.ds_config), cfg, world)
     data_dir = Path(cfg.data.path)
     resolve_vocab(cfg, read_data_meta(data_dir))
+    check_token_ids(data_dir, cfg.model.vocab_size)
     # Building the loaders checks that the splits hold enough windows of model.seq_len tokens.
     Batches(open_split(data_dir, "train"), cfg.model.seq_len, cfg.train.micro_batch, 0, world, cfg.train.grad_accum,
             cfg.train.seed)
