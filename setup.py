@@ -20,6 +20,7 @@ setup(
         "tokenizers>=0.19",  # BPE trained locally, or loaded from a local tokenizer.json
         "matplotlib>=3.7",  # the end-of-run plot
         "tensorboard>=2.14",  # DeepSpeed's TensorBoard monitor
+        "safetensors>=0.4",  # exports: weights in a format that cannot carry code
     ],
     entry_points={"console_scripts": ["sparsemixer-ds = sparsemixer_ds.cli:main"]},
     extras_require={

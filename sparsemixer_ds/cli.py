@@ -3,8 +3,8 @@
     sparsemixer-ds prepare [INPUT ...] --out data/stdlib-bytes        # no INPUT: the stdlib sources
     sparsemixer-ds check --config configs/cpu_small.yaml --world-size 2  # what a launch script runs first
     deepspeed --num_gpus 2 --module sparsemixer_ds.cli train --config configs/cpu_small.yaml
-    sparsemixer-ds export --run runs/cpu_small --out runs/cpu_small/model.pt
-    sparsemixer-ds generate --export runs/cpu_small/model.pt --prompt "def main("
+    sparsemixer-ds export --run runs/cpu_small --out runs/cpu_small/model.safetensors
+    sparsemixer-ds generate --export runs/cpu_small/model.safetensors --prompt "def main("
 """
 import argparse
 import sys
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="a checkpoint -> one consolidated file (all experts) + config")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--tag", help="checkpoint tag (default: the newest)")
-    p.add_argument("--out", required=True, help="output file, e.g. model.pt")
+    p.add_argument("--out", required=True, help="output file, e.g. model.safetensors")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint or an export")

@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .config import ConfigError, RunConfig, config_dict, config_from_dict
 from .model import MoELM
 
-EXPORT_FORMAT = "sparsemixer_ds.export/1"
+EXPORT_FORMAT = "sparsemixer_ds.export/2"
 
 
 def _single_process_group() -> None:
@@ -78,33 +80,39 @@ def tokenizer_record(data_dir: Path) -> dict:
 
 
 def export(run_dir: Path, out_path: Path, tag: Optional[str] = None) -> Path:
-    """Write the consolidated state dict, model config and tokenizer of a checkpoint to ``out_path``."""
+    """Write the consolidated weights of a checkpoint to ``out_path`` (safetensors), with the model
+    config and the tokenizer in the file's metadata: one file, and nothing in it can run code."""
     out_path = Path(out_path)
     if out_path.exists():
         raise ConfigError(f"{out_path} already exists; choose another --out or remove it first")
     model, cfg = load_checkpoint_model(run_dir, tag)
-    payload = {
+    metadata = {
         "format": EXPORT_FORMAT,
-        "config": config_dict(cfg),
-        "tokenizer": tokenizer_record(Path(cfg.data.path)),
-        "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "config": json.dumps(config_dict(cfg)),
+        "tokenizer": json.dumps(tokenizer_record(Path(cfg.data.path))),
     }
+    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
-    torch.save(payload, tmp)
+    save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(out_path)  # never a half-written export under the final name
     return out_path
 
 
 def load_export(path: Path) -> Tuple[MoELM, RunConfig, dict]:
-    """(model, config, tokenizer record) from an export file; plain torch, no DeepSpeed engine."""
+    """(model, config, tokenizer record) from an export file; no DeepSpeed engine, no unpickling."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"export file {path} does not exist; write one with sparsemixer-ds export")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
-        raise ConfigError(f"{path} is not a sparsemixer_ds export (format {EXPORT_FORMAT})")
-    cfg = config_from_dict(payload["config"], str(path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"{path} is not a safetensors file written by sparsemixer-ds export ({err})") from None
+    if metadata.get("format") != EXPORT_FORMAT:
+        raise ConfigError(f"{path} is not a sparsemixer_ds export (its metadata lacks format {EXPORT_FORMAT})")
+    cfg = config_from_dict(json.loads(metadata["config"]), str(path))
     model = MoELM(cfg.model, cfg.moe)
-    model.load_state_dict(payload["state_dict"])
-    return model.eval(), cfg, payload["tokenizer"]
+    model.load_state_dict(tensors)
+    return model.eval(), cfg, json.loads(metadata["tokenizer"])

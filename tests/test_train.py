@@ -10,7 +10,10 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO, free_port, launch_env, read_metrics, set_args
 
+from safetensors.torch import load_file
+
 from sparsemixer_ds.data import eval_batches, open_split
+from sparsemixer_ds.config import ConfigError
 from sparsemixer_ds.export import load_export
 
 
@@ -120,10 +123,10 @@ def cli(*args):
 
 
 def test_export_gathers_every_expert_and_reproduces_the_validation_loss(tmp_path, corpus, finished_run):
-    out = tmp_path / "model.pt"
+    out = tmp_path / "model.safetensors"
     cli("export", "--run", str(finished_run), "--out", str(out))
-    payload = torch.load(out, weights_only=True)  # plain tensors and config: no code, no DeepSpeed
-    experts = [k for k in payload["state_dict"] if ".deepspeed_experts." in k and k.endswith("0.weight")]
+    weights = load_file(out)  # tensors only: no code, no DeepSpeed
+    experts = [k for k in weights if ".deepspeed_experts." in k and k.endswith("0.weight")]
     assert len(experts) == 2 * 4, "both MoE layers with all four experts, though each rank held two"
     model, cfg, _ = load_export(out)
     assert cfg.moe.ep_size == 1
@@ -142,10 +145,31 @@ def test_export_gathers_every_expert_and_reproduces_the_validation_loss(tmp_path
 
 
 def test_generate_from_checkpoint_and_from_export_agree(tmp_path, finished_run):
-    out = tmp_path / "model.pt"
+    out = tmp_path / "model.safetensors"
     cli("export", "--run", str(finished_run), "--out", str(out))
     args = ["--prompt", "def ", "--tokens", "24", "--temperature", "0"]
     from_export = cli("generate", "--export", str(out), *args).splitlines()[-1]
     from_checkpoint = cli("generate", "--run", str(finished_run), *args).splitlines()[-1]
     assert from_export.startswith("def ") and len(from_export) > len("def ")
     assert from_export == from_checkpoint
+
+
+class _RunsCode:
+    """Unpickling this runs code: what a crafted checkpoint or export would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_crafted_pickle_is_refused_and_runs_nothing(tmp_path):
+    crafted = tmp_path / "model.safetensors"
+    torch.save({"state_dict": _RunsCode(tmp_path / "PWNED")}, crafted)
+    with pytest.raises(ConfigError, match="is not a safetensors file"):
+        load_export(crafted)
+    proc = subprocess.run([sys.executable, "-m", "sparsemixer_ds.cli", "generate", "--export", str(crafted)], cwd=REPO,
+                          env=launch_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "is not a safetensors file" in proc.stderr
+    assert not (tmp_path / "PWNED").exists(), "nothing was unpickled"
