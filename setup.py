@@ -17,6 +17,7 @@ setup(
         "pyyaml>=6.0",
         "numpy>=1.24",
         "tqdm>=4.60",
+        "psutil>=5.9",  # resident memory in the metrics
         "tokenizers>=0.19",  # BPE trained locally, or loaded from a local tokenizer.json
         "matplotlib>=3.7",  # the end-of-run plot
         "tensorboard>=2.14",  # DeepSpeed's TensorBoard monitor

@@ -17,6 +17,7 @@ from typing import List, NamedTuple, Optional
 
 import deepspeed
 import numpy as np
+import psutil
 import torch
 import torch.nn.functional as F
 import yaml
@@ -286,7 +287,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             window_start, window_steps = time.perf_counter(), 0
             lr = engine.get_lr()[0]
             record = {"step": done, "tokens": done * tokens_per_step, "loss": float(mean[0]),
-                      "balance_loss": float(mean[1]), "lr": lr, "tokens_per_s": tok_s, "layers": layers}
+                      "balance_loss": float(mean[1]), "lr": lr, "tokens_per_s": tok_s,
+                      "rss_mb": psutil.Process().memory_info().rss / 2**20, "layers": layers}
             events = [("Train/loss", record["loss"], done), ("Train/lr", lr, done), ("Train/tokens_per_s", tok_s, done),
                       ("Train/balance_loss", record["balance_loss"], done)]
             for i, layer in enumerate(layers):

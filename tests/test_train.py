@@ -2,6 +2,7 @@
 import json
 import math
 import shutil
+import statistics
 import subprocess
 import sys
 
@@ -173,3 +174,14 @@ def test_a_crafted_pickle_is_refused_and_runs_nothing(tmp_path):
                           env=launch_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "is not a safetensors file" in proc.stderr
     assert not (tmp_path / "PWNED").exists(), "nothing was unpickled"
+
+
+def test_memory_stays_flat_over_a_long_run(tmp_path, corpus):
+    """A thousand steps of the tiny model: rank 0's resident memory must not grow with the steps."""
+    run_dir = tmp_path / "long"
+    launch(run_dir, corpus, "train.steps=1000", "logging.interval=50", "eval.interval=500", "checkpoint.interval=0",
+           "logging.plot=false", "model.seq_len=16", "train.micro_batch=2", timeout=600)
+    rss = {m["step"]: m["rss_mb"] for m in read_metrics(run_dir) if "rss_mb" in m}
+    early = statistics.median(rss[s] for s in (150, 200, 250, 300, 350))
+    late = statistics.median(rss[s] for s in (800, 850, 900, 950, 1000))
+    assert late - early < 20, f"rank 0 grew from {early:.0f} MB to {late:.0f} MB in 650 steps"
