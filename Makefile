@@ -61,6 +61,7 @@ bench: setup $(DATA)/meta.json
 	$(BIN)/deepspeed --num_gpus 2 benchmarks/moe_layer.py
 	$(BIN)/python benchmarks/e2e.py --data $(DATA)
 	$(BIN)/python benchmarks/fidelity.py
+	$(BIN)/python benchmarks/growth.py
 
 # The convergence study's short regime (about 45 minutes on 2 cores; results in benchmarks/results/).
 study: setup $(DATA)/meta.json

@@ -67,3 +67,12 @@ def test_convergence_smoke_and_resumable(tmp_path, corpus):
     again = run_script(*args)
     assert "seed 0 step" not in again, "finished runs are not repeated"
     assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_growth_smoke(tmp_path):
+    out = tmp_path / "growth.json"
+    run_script(REPO / "benchmarks" / "growth.py", "--smoke", "--json", out)
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["gate"], r["k"], r["experts"], r["tokens"]) for r in rows} == {
+        (g, k, e, s) for g in ("topk", "sparsemixer") for k in (1, 2) for e in (4, 8) for s in (512, 1024)}
+    assert all(r["ms"] > 0 and r["peak_mb"] >= 0 for r in rows)
