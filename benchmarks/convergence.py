@@ -189,6 +189,8 @@ def main() -> None:
                 path.write_text(json.dumps(run))
     runs = [json.loads(p.read_text()) for p in sorted(args.out.glob("*-seed*.json"))]
     runs = [r for r in runs if r["arm"] in args.arms]
+    if not runs:
+        parser.error(f"no finished runs of {', '.join(args.arms)} in {args.out}; run without --report-only first")
     summary = summarize(runs, args.baseline)
     print(f"\nfinal validation loss, baseline {args.baseline}; {runs[0]['tokens']:,} training tokens per run, "
           f"{runs[0]['val_tokens']:,} validation tokens")
