@@ -32,6 +32,18 @@ from sparsemixer_ds.moe import optimizer_param_groups  # noqa: E402
 from sparsemixer_ds.train import read_data_meta, resolve_vocab, step_seed, warmup_cosine  # noqa: E402
 
 TOP1_ARMS = ["switch", "sampled", "euler", "sparsemixer", "midpoint-all", "sparsemixer-v2"]
+# Two-sided 95% quantiles of Student's t by degrees of freedom (standard tables); 1.96 beyond.
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def paired_delta(arm_runs: list, base_runs: list):
+    """Mean final-loss difference arm - baseline over the seeds both have, with its 95% half-width."""
+    base = {r["seed"]: r["curve"][-1]["val_loss"] for r in base_runs}
+    diffs = [r["curve"][-1]["val_loss"] - base[r["seed"]] for r in arm_runs if r["seed"] in base]
+    if len(diffs) < 2:
+        return None, None
+    half = T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs)**0.5
+    return statistics.fmean(diffs), half
 
 
 def train_arm(cfg, arm: str, seed: int, val_batches: int, device: torch.device, log) -> dict:
@@ -115,8 +127,11 @@ def summarize(runs: list, baseline: str) -> dict:
         if arm != baseline and baseline in means:
             diff = [a["val_loss"] - b["val_loss"] for a, b in zip(means[arm], means[baseline])]
             crossings = [means[arm][i]["step"] for i in range(1, len(diff)) if (diff[i - 1] > 0) != (diff[i] > 0)]
+        delta, half = paired_delta(arm_runs, by_arm.get(baseline, []))
         summary[arm] = {
             "seeds": len(arm_runs),
+            "delta_vs_baseline": delta,
+            "delta_ci95": half,
             "final_mean": statistics.fmean(finals),
             "final_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
             "steps_to_baseline_final": reach,
@@ -194,14 +209,17 @@ def main() -> None:
     summary = summarize(runs, args.baseline)
     print(f"\nfinal validation loss, baseline {args.baseline}; {runs[0]['tokens']:,} training tokens per run, "
           f"{runs[0]['val_tokens']:,} validation tokens")
-    header = f"{'arm':<16} {'seeds':>5} | {'final loss':>17} | {'steps to baseline final':>23} {'speed-up':>8} | crossings"
+    header = (f"{'arm':<16} {'seeds':>5} | {'final loss':>17} | {'vs baseline (95% CI)':>21} | "
+              f"{'steps to baseline final':>23} {'speed-up':>8} | crossings")
     print(header)
     print("-" * len(header))
     for arm, row in sorted(summary.items(), key=lambda kv: kv[1]["final_mean"]):
         reach = f"{row['steps_to_baseline_final']:.0f}" if row["steps_to_baseline_final"] else "not reached"
         speed = f"{row['speedup']:.2f}x" if row["speedup"] else "-"
-        print(f"{arm:<16} {row['seeds']:>5} | {row['final_mean']:.4f} +- {row['final_std']:.4f} | {reach:>23} "
-              f"{speed:>8} | {row['crossings']}")
+        delta = (f"{row['delta_vs_baseline']:+.4f} +- {row['delta_ci95']:.4f}" if row["delta_vs_baseline"] is not None
+                 else "-")
+        print(f"{arm:<16} {row['seeds']:>5} | {row['final_mean']:.4f} +- {row['final_std']:.4f} | {delta:>21} | "
+              f"{reach:>23} {speed:>8} | {row['crossings']}")
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(runs, summary, args.out / "curves.png")
     print(f"wrote {args.out / 'summary.json'} and {args.out / 'curves.png'}")
