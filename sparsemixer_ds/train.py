@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import yaml
 from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.zero.utils import ZeRORuntimeException
 from tqdm import tqdm
 
 from .config import ConfigError, RunConfig, config_dict, dump_yaml, load_ds_config, total_steps
@@ -255,10 +256,12 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
     start_step = 0
-    if resume_tag is not None:
-        _, client = engine.load_checkpoint(str(run_dir / CHECKPOINTS), tag=resume_tag)
-        start_step = int(client["step"])
     metrics = Metrics(run_dir / "metrics.jsonl", engine, rank == 0)
+    if resume_tag is not None:
+        start_step = restore_checkpoint(engine, scheduler, run_dir / CHECKPOINTS, resume_tag, rank)
+        # The model as loaded, on this run's layout: comparable with the saved run's evaluation at this step.
+        result = evaluate(engine, val_batches, cfg, start_step, rank)
+        metrics.write({"step": start_step, "resumed": True, **result}, [])
     tokens_per_step = t.micro_batch * t.grad_accum * world * seq_len
     progress = tqdm(total=total, initial=start_step, disable=rank != 0 or not cfg.logging.progress,
                     file=sys.stderr, dynamic_ncols=True, desc="train")
@@ -320,6 +323,29 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         plot_run(run_dir / "metrics.jsonl", run_dir / "training.png")
     dist.barrier()
     return last
+
+
+def restore_checkpoint(engine, scheduler, ckpt_dir: Path, tag: str, rank: int) -> int:
+    """Load a checkpoint into the engine; return its step.
+
+    On the layout it was saved with, everything is restored. On another one (a different number of
+    ranks or ep_size), DeepSpeed places every expert by its global index, but cannot re-partition
+    ZeRO's optimizer state: then the weights are loaded, the optimizer starts afresh, and a warning
+    says so. The LR schedule continues from the step either way.
+    """
+    try:
+        _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        return int(client["step"])
+    except ZeRORuntimeException as err:
+        _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=True,
+                                           load_optimizer_states=False, load_lr_scheduler_states=False)
+        step = int(client["step"])
+        for _ in range(step):
+            scheduler.step()
+        if rank == 0:
+            print(f"WARNING: resuming {tag} on another layout: weights loaded, optimizer state reset "
+                  f"(DeepSpeed: {err})", file=sys.stderr, flush=True)
+        return step
 
 
 def save_checkpoint(engine, cfg: RunConfig, step: int, tokens: int, rank: int) -> None:

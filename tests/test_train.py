@@ -97,6 +97,10 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path, corpus, finished
     launch(run_dir, corpus, "train.steps=8", "checkpoint.interval=4", "checkpoint.keep=3", "eval.interval=4",
            "moe.eval_capacity_factor=4.0", "logging.plot=false", resume=True)
     resumed = read_metrics(run_dir)
+    check = [m for m in resumed if m.get("resumed")]
+    saved_at_4 = [m for m in full if m["step"] == 4 and "val_loss" in m][0]
+    assert len(check) == 1 and check[0]["val_loss"] == pytest.approx(saved_at_4["val_loss"], rel=1e-6)
+    resumed = [m for m in resumed if not m.get("resumed")]
     assert (partial / "COMPLETE").is_file(), "step 8 was saved again, whole this time"
     assert [m["step"] for m in resumed] == [m["step"] for m in full]
     for want, got in zip(full, resumed):
@@ -185,3 +189,23 @@ def test_memory_stays_flat_over_a_long_run(tmp_path, corpus):
     early = statistics.median(rss[s] for s in (150, 200, 250, 300, 350))
     late = statistics.median(rss[s] for s in (800, 850, 900, 950, 1000))
     assert late - early < 20, f"rank 0 grew from {early:.0f} MB to {late:.0f} MB in 650 steps"
+
+
+def test_resume_on_another_layout_keeps_the_model(tmp_path, corpus, finished_run):
+    """2 ranks with ep_size 2 -> 1 rank with ep_size 1: every expert lands on the one rank, the model computes
+    the same validation loss at the resume point, and the reset optimizer state is announced."""
+    run_dir = tmp_path / "relaid"
+    shutil.copytree(finished_run, run_dir)
+    # One rank reads 4 validation batches: the same 16 windows the two ranks read 2 batches each of.
+    cmd = ["bash", str(REPO / "launch" / "local.sh"), "--nproc", "1", "--master-port", str(free_port()), "--"]
+    cmd += set_args(f"run_dir={run_dir}", f"data.path={corpus}", "moe.ep_size=1", "train.steps=10",
+                    "checkpoint.interval=4", "checkpoint.keep=3", "eval.interval=4", "eval.batches=4",
+                    "moe.eval_capacity_factor=4.0", "logging.plot=false") + ["--resume"]
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "WARNING: resuming step_00000008 on another layout: weights loaded, optimizer state reset" in proc.stderr
+    metrics = read_metrics(run_dir)
+    saved = [m for m in metrics if m.get("step") == 8 and "val_loss" in m and not m.get("resumed")][0]
+    resumed = [m for m in metrics if m.get("resumed")][0]
+    assert resumed["step"] == 8 and resumed["val_loss"] == pytest.approx(saved["val_loss"], rel=1e-5)
+    assert [m["step"] for m in metrics if "loss" in m][-2:] == [9, 10], "training went on from step 8"
