@@ -209,3 +209,22 @@ def test_resume_on_another_layout_keeps_the_model(tmp_path, corpus, finished_run
     resumed = [m for m in metrics if m.get("resumed")][0]
     assert resumed["step"] == 8 and resumed["val_loss"] == pytest.approx(saved["val_loss"], rel=1e-5)
     assert [m["step"] for m in metrics if "loss" in m][-2:] == [9, 10], "training went on from step 8"
+
+
+def test_resume_from_one_rank_onto_two(tmp_path, corpus):
+    """1 rank with ep_size 1 -> 2 ranks with ep_size 2: each rank takes its half of the experts."""
+    run_dir = tmp_path / "grown"
+    common = [f"run_dir={run_dir}", f"data.path={corpus}", "checkpoint.interval=4", "eval.interval=4",
+              "moe.eval_capacity_factor=4.0", "logging.plot=false"]
+    one = ["bash", str(REPO / "launch" / "local.sh"), "--nproc", "1", "--master-port", str(free_port()), "--"]
+    proc = subprocess.run(one + set_args(*common, "moe.ep_size=1", "train.steps=4", "eval.batches=4"), cwd=REPO,
+                          env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc = launch(run_dir, corpus, "train.steps=6", "checkpoint.interval=4", "eval.interval=4",
+                  "moe.eval_capacity_factor=4.0", "logging.plot=false", resume=True)
+    assert "WARNING: resuming step_00000004 on another layout" in proc.stderr
+    metrics = read_metrics(run_dir)
+    saved = [m for m in metrics if m.get("step") == 4 and "val_loss" in m and not m.get("resumed")][0]
+    resumed = [m for m in metrics if m.get("resumed")][0]
+    assert resumed["val_loss"] == pytest.approx(saved["val_loss"], rel=1e-5)
+    assert [m["step"] for m in metrics if "loss" in m][-2:] == [5, 6]
