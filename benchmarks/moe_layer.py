@@ -20,10 +20,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import deepspeed  # noqa: E402
 from deepspeed.moe.layer import MoE  # noqa: E402
 
 from sparsemixer_ds import convert  # noqa: E402
+from sparsemixer_ds.comm import init_distributed  # noqa: E402
 
 # (baseline, its k, SparseMixer estimator) pairs at equal k
 PAIRS = [("switch", 1, "midpoint"), ("gshard", 2, "heun3")]
@@ -95,7 +95,7 @@ def main() -> None:
         args.tokens, args.dim, args.expert_hidden, args.repeats = 256, 32, 64, 3
     launched = "RANK" in os.environ
     if launched:
-        deepspeed.init_distributed(dist_backend=deepspeed.accelerator.get_accelerator().communication_backend_name())
+        init_distributed()
     ep_size = torch.distributed.get_world_size() if launched else 1
     rank = torch.distributed.get_rank() if launched else 0
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")

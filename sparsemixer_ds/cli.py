@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .config import ConfigError
+from .config import ConfigError, RunError
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -127,6 +127,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"sparsemixer-ds {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RunError as err:
+        sys.stderr.write(f"sparsemixer-ds {args.command}: stopped: {err}\n")  # one write: ranks share the stream
+        return 1
     return 0
 
 

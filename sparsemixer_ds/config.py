@@ -34,6 +34,10 @@ class ConfigError(ValueError):
     """A run or DeepSpeed config that cannot run; the message says where and how to fix it."""
 
 
+class RunError(RuntimeError):
+    """A started run cannot go on; the message says why, what was kept and how to continue."""
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 0  # 0: take it from the prepared data's meta.json
@@ -81,6 +85,14 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
+    # A step whose loss or gradients are not finite is skipped (weights, optimizer state and LR
+    # schedule stay as they were) and counted; after this many in a row the run saves the last good
+    # state and stops. 0: never stop. fp16's loss-scale search counts too (at most ~17 in a row
+    # from DeepSpeed's default initial_scale_power 16).
+    max_skipped_steps: int = 25
+    # How long a collective (and the rendezvous at start) waits for the other ranks before the run
+    # fails: a rank on a dead node is noticed after this. Long enough for the slowest checkpoint save.
+    collective_timeout_s: int = 1800
 
 
 @dataclass
@@ -253,6 +265,10 @@ def validate(cfg: RunConfig) -> None:
     _require(len(t.betas) == 2 and all(0.0 <= b < 1.0 for b in t.betas),
              f"train.betas must be two numbers in [0, 1); got {t.betas}")
     _require(t.grad_clip >= 0.0, f"train.grad_clip must be >= 0 (0 disables clipping); got {t.grad_clip}")
+    _require(t.max_skipped_steps >= 0, "train.max_skipped_steps must be >= 0 (0: never stop on non-finite steps); "
+             f"got {t.max_skipped_steps}")
+    _require(t.collective_timeout_s >= 1, "train.collective_timeout_s must be >= 1 second (default 1800); "
+             f"got {t.collective_timeout_s}")
     _require(cfg.checkpoint.interval >= 0, f"checkpoint.interval must be >= 0; got {cfg.checkpoint.interval}")
 
 
@@ -307,6 +323,12 @@ def load_ds_config(path: Path, cfg: RunConfig, world_size: int) -> dict:
                           "stages 0, 1 and 2 only")
     if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
         raise ConfigError(f"{path}: enables both fp16 and bf16; enable one of them")
+    # DeepSpeed's own checks skip a step with non-finite gradients; these settings turn them off.
+    for block, key in (("bf16", "check_grad_overflow"), ("zero_optimization", "compute_grad_norm")):
+        if ds.get(block, {}).get(key) is False:
+            raise ConfigError(f"{path}: '{block}.{key}' is false, which would apply steps whose gradients are "
+                              "not finite; remove it (steps with non-finite loss or gradients are skipped and "
+                              "counted, see train.max_skipped_steps)")
     ds.update(wanted)
     ds["train_batch_size"] = global_batch
     # The run config's AdamW is a client optimizer; ZeRO accepts it once told to.

@@ -22,8 +22,7 @@ EXPORT_FORMAT = "sparsemixer_ds.export/2"
 
 def _single_process_group() -> None:
     """A world of one for DeepSpeed's engine, when no launcher set one up."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
+    from .comm import init_distributed
     if not torch.distributed.is_initialized():
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
@@ -33,7 +32,7 @@ def _single_process_group() -> None:
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
                 os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+    init_distributed(verbose=False)
 
 
 def resolve_checkpoint(run_dir: Path, tag: Optional[str]) -> Tuple[Path, str]:

@@ -13,7 +13,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import deepspeed
 import numpy as np
@@ -26,7 +26,8 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.zero.utils import ZeRORuntimeException
 from tqdm import tqdm
 
-from .config import ConfigError, RunConfig, config_dict, dump_yaml, load_ds_config, total_steps
+from .comm import init_distributed
+from .config import ConfigError, RunConfig, RunError, config_dict, dump_yaml, load_ds_config, total_steps
 from .data import Batches, eval_batches, open_split
 from .model import MoELM
 from .moe import RouterMonitor, optimizer_param_groups
@@ -34,6 +35,31 @@ from .moe import RouterMonitor, optimizer_param_groups
 CHECKPOINTS = "checkpoints"
 TAG_PREFIX = "step_"
 COMPLETE = "COMPLETE"  # written into a tag's directory once every rank has saved its part
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips a step whose gradients are not all finite on every rank.
+
+    It sets ``overflow``, the attribute DeepSpeed's engine reads after a step: a skipped step is
+    counted in ``engine.skipped_steps``, ``engine.was_step_applied()`` is False and the LR schedule
+    waits. Only ZeRO stage 0 in fp32 needs it: there the engine steps the client optimizer directly,
+    while ZeRO 1/2 and DeepSpeed's bf16 and fp16 optimizers check their own gradient copies and do
+    not call this step on a bad one.
+    """
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        device = grads[0].device if grads else torch.device(get_accelerator().current_device_name())
+        bad = torch.zeros(1, device=device)
+        if grads:
+            bad[0] = float(not torch.stack([g.isfinite().all() for g in grads]).all())
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips, or none
+        self.overflow = bool(bad.item())
+        if self.overflow:
+            return None
+        return super().step(closure)
 
 
 EVAL_STREAM = 1 << 30  # the seed stream of evaluations, apart from every micro-step's
@@ -229,7 +255,7 @@ def discover_mpi() -> None:
 def train(cfg: RunConfig, resume: bool = False) -> dict:
     """Train ``cfg`` on the ranks the launcher started; returns the final metrics (on every rank)."""
     discover_mpi()
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    init_distributed(cfg.train.collective_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     ds_config, resume_tag = preflight(cfg, world, resume)
     t = cfg.train
@@ -251,14 +277,19 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = MoELM(cfg.model, cfg.moe)
     router_monitor = RouterMonitor(model)
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
+    mixed = any(ds_config.get(key, {}).get("enabled") for key in ("bf16", "fp16"))
+    stage0 = ds_config.get("zero_optimization", {}).get("stage", 0) == 0
+    adamw = GuardedAdamW if stage0 and not mixed else torch.optim.AdamW
+    optimizer = adamw(optimizer_param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg, total))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
-    start_step = 0
+    start_step = skipped = streak = 0  # steps skipped in all, and in a row now
     metrics = Metrics(run_dir / "metrics.jsonl", engine, rank == 0)
     if resume_tag is not None:
-        start_step = restore_checkpoint(engine, scheduler, run_dir / CHECKPOINTS, resume_tag, rank)
+        start_step, skipped = restore_checkpoint(engine, scheduler, run_dir / CHECKPOINTS, resume_tag, rank)
+        if rank == 0:
+            remove_partial_checkpoints(run_dir / CHECKPOINTS)
         # The model as loaded, on this run's layout: comparable with the saved run's evaluation at this step.
         result = evaluate(engine, val_batches, cfg, start_step, rank)
         metrics.write({"step": start_step, "resumed": True, **result}, [])
@@ -282,6 +313,9 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             engine.step()
             losses += torch.stack([ce.detach(), out.aux_loss.detach()]).double()
         window_steps += 1
+        # DeepSpeed (or GuardedAdamW) skipped the update if any rank's gradients were not finite.
+        streak = 0 if engine.was_step_applied() else streak + 1
+        skipped += streak > 0
         if log_now:
             mean = all_mean(losses / t.grad_accum)
             layers = [RouterMonitor.summarize(all_mean(s)) for s in router_monitor.collect()]
@@ -289,11 +323,12 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             tok_s = tokens_per_step * window_steps / elapsed
             window_start, window_steps = time.perf_counter(), 0
             lr = engine.get_lr()[0]
-            record = {"step": done, "tokens": done * tokens_per_step, "loss": float(mean[0]),
-                      "balance_loss": float(mean[1]), "lr": lr, "tokens_per_s": tok_s,
-                      "rss_mb": psutil.Process().memory_info().rss / 2**20, "layers": layers}
-            events = [("Train/loss", record["loss"], done), ("Train/lr", lr, done), ("Train/tokens_per_s", tok_s, done),
-                      ("Train/balance_loss", record["balance_loss"], done)]
+            record = {"step": done, "tokens": done * tokens_per_step, "loss": finite_or_none(mean[0]),
+                      "balance_loss": finite_or_none(mean[1]), "lr": lr, "skipped_steps": skipped,
+                      "tokens_per_s": tok_s, "rss_mb": psutil.Process().memory_info().rss / 2**20, "layers": layers}
+            events = [("Train/loss", float(mean[0]), done), ("Train/balance_loss", float(mean[1]), done),
+                      ("Train/lr", lr, done), ("Train/tokens_per_s", tok_s, done),
+                      ("Train/skipped_steps", skipped, done)]
             for i, layer in enumerate(layers):
                 events += [(f"MoE/layer{i}/max_mean_load", layer["max_mean_load"], done),
                            (f"MoE/layer{i}/dropped", layer["dropped"], done),
@@ -301,8 +336,17 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
                 events += [(f"MoE/layer{i}/load_expert{e}", v, done) for e, v in enumerate(layer["load"])]
             metrics.write(record, events)
             last.update(record)
-            progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+            progress.set_postfix(loss=f"{float(mean[0]):.3f}", tok_s=f"{tok_s:,.0f}")
         paused = time.perf_counter()  # evaluation and checkpoints do not count against tokens/s
+        if t.max_skipped_steps and streak >= t.max_skipped_steps:
+            # Skipped steps changed nothing: the weights and optimizer state are the last good step's.
+            save_checkpoint(engine, cfg, done, done * tokens_per_step, skipped, rank)
+            metrics.write({"step": done, "skipped_steps": skipped, "stopped": "non-finite"}, [])
+            raise RunError(f"steps {done - streak + 1}-{done} all had a non-finite loss or gradients and were "
+                           f"skipped (train.max_skipped_steps={t.max_skipped_steps}); the last good state is saved "
+                           f"as {run_dir / CHECKPOINTS / tag_name(done)}. Lower train.lr, raise "
+                           "train.warmup_steps or set train.grad_clip, or check the data at these steps; "
+                           "--resume continues after them")
         if done % cfg.eval.interval == 0 or done == total:
             result = evaluate(engine, val_batches, cfg, done, rank)
             metrics.write({"step": done, **result}, [("Eval/loss", result["val_loss"], done),
@@ -312,7 +356,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
                 progress.write(f"step {done}: val_loss {result['val_loss']:.4f}  val_ppl {result['val_ppl']:.2f}")
         interval = cfg.checkpoint.interval
         if (interval and done % interval == 0) or done == total:
-            save_checkpoint(engine, cfg, done, done * tokens_per_step, rank)
+            save_checkpoint(engine, cfg, done, done * tokens_per_step, skipped, rank)
         window_start += time.perf_counter() - paused
         progress.update(1)
         last["step"] = done
@@ -325,44 +369,81 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     return last
 
 
-def restore_checkpoint(engine, scheduler, ckpt_dir: Path, tag: str, rank: int) -> int:
-    """Load a checkpoint into the engine; return its step.
+def restore_checkpoint(engine, scheduler, ckpt_dir: Path, tag: str, rank: int) -> Tuple[int, int]:
+    """Load a checkpoint into the engine; return its step and the steps skipped up to it.
 
     On the layout it was saved with, everything is restored. On another one (a different number of
     ranks or ep_size), DeepSpeed places every expert by its global index, but cannot re-partition
     ZeRO's optimizer state: then the weights are loaded, the optimizer starts afresh, and a warning
-    says so. The LR schedule continues from the step either way.
+    says so. The LR schedule continues from where it was either way (it waits on skipped steps).
     """
     try:
         _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-        return int(client["step"])
+        return int(client["step"]), int(client.get("steps_skipped", 0))
     except ZeRORuntimeException as err:
         _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=True,
                                            load_optimizer_states=False, load_lr_scheduler_states=False)
-        step = int(client["step"])
-        for _ in range(step):
+        step, skipped = int(client["step"]), int(client.get("steps_skipped", 0))
+        for _ in range(step - skipped):
             scheduler.step()
         if rank == 0:
             print(f"WARNING: resuming {tag} on another layout: weights loaded, optimizer state reset "
                   f"(DeepSpeed: {err})", file=sys.stderr, flush=True)
-        return step
+        return step, skipped
 
 
-def save_checkpoint(engine, cfg: RunConfig, step: int, tokens: int, rank: int) -> None:
-    """Save through DeepSpeed (experts per expert), then keep only the newest ``checkpoint.keep``."""
+def tag_name(step: int) -> str:
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+def remove_partial_checkpoints(ckpt_dir: Path) -> None:
+    """Delete the tag directories of saves that never finished (they only take disk space)."""
+    complete = set(checkpoint_tags(ckpt_dir))
+    for path in sorted(ckpt_dir.glob(f"{TAG_PREFIX}*")):
+        if path.is_dir() and path.name not in complete:
+            print(f"removing {path}: an interrupted save (no {COMPLETE} marker)", file=sys.stderr, flush=True)
+            shutil.rmtree(path)
+
+
+def save_checkpoint(engine, cfg: RunConfig, step: int, tokens: int, skipped: int, rank: int) -> None:
+    """Save through DeepSpeed (experts per expert), mark the tag complete once every rank's part is
+    written, then keep only the newest ``checkpoint.keep``. A save that fails (a full disk) raises a
+    RunError on the rank it failed on; the tag stays unmarked, so no resume takes it."""
     ckpt_dir = Path(cfg.run_dir) / CHECKPOINTS
-    client = {"step": step, "tokens": tokens, "config": config_dict(cfg)}
-    tag = f"{TAG_PREFIX}{step:08d}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client)
+    # Not "skipped_steps": DeepSpeed's own state has one, and load_checkpoint removes it from the client's.
+    client = {"step": step, "tokens": tokens, "steps_skipped": skipped, "config": config_dict(cfg)}
+    tag = tag_name(step)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client)
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+        raise save_failed(ckpt_dir, tag, rank, err) from err
     dist.barrier()  # every rank's files are written
     if rank == 0:
         marker = ckpt_dir / tag / COMPLETE
         partial = marker.with_suffix(".tmp")
-        partial.write_text(json.dumps({"step": step, "tokens": tokens}))
+        try:
+            partial.write_text(json.dumps({"step": step, "tokens": tokens}))
+        except OSError as err:
+            raise save_failed(ckpt_dir, tag, rank, err) from err
         partial.replace(marker)  # atomic: the tag is complete or it is not
         for old in checkpoint_tags(ckpt_dir)[:-cfg.checkpoint.keep]:
             shutil.rmtree(ckpt_dir / old)
     dist.barrier()
+
+
+def save_failed(ckpt_dir: Path, tag: str, rank: int, err: Exception) -> RunError:
+    saved = checkpoint_tags(ckpt_dir)
+    free = shutil.disk_usage(ckpt_dir).free / 2**20
+    return RunError(f"rank {rank} could not write checkpoint {ckpt_dir / tag} ({err}); {free:,.1f} MiB are free "
+                    f"there. The checkpoints saved before are intact ({', '.join(saved) or 'none yet'}) and --resume "
+                    "continues from the newest; free disk space, lower checkpoint.keep, or move run_dir to a "
+                    "larger disk")
+
+
+def finite_or_none(value) -> Optional[float]:
+    """A metric for metrics.jsonl: JSON has no NaN or infinity."""
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def summary(cfg: RunConfig, last: dict) -> str:

@@ -61,6 +61,24 @@ def set_args(*overrides: str) -> list:
     return [arg for item in TINY + list(overrides) for arg in ("--set", item)]
 
 
+def rank_pids(marker: str) -> dict:
+    """RANK -> pid of the training processes whose command line contains ``marker``."""
+    pids = {}
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit():
+            continue
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            environ = (proc_dir / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in cmdline and "sparsemixer_ds.cli train" in cmdline:
+            for item in environ:
+                if item.startswith(b"RANK="):
+                    pids[int(item[5:])] = int(proc_dir.name)
+    return pids
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """A byte-level slice of the stdlib sources: big enough for a few dozen steps, quick to prepare."""

@@ -64,6 +64,8 @@ def test_bad_keys_and_types_name_the_key_and_the_source(tmp_path, text, override
     ("model.n_heads=3", "divisible by model.n_heads=3"),
     ("moe.z_loss_coef=0.001", "needs a SparseMixer router"),  # with router switch below
     ("train.steps=0", "train.steps must be >= 1"),
+    ("train.max_skipped_steps=-1", "train.max_skipped_steps must be >= 0"),
+    ("train.collective_timeout_s=0", "train.collective_timeout_s must be >= 1 second"),
 ])
 def test_cross_field_errors(override, needle):
     base = ["moe.ep_size=4"] if "num_experts" in override else []
@@ -92,6 +94,8 @@ def test_ds_config_gets_the_batch_from_the_run_config(tmp_path):
     ({"optimizer": {"type": "Adam"}}, "has an 'optimizer' block"),
     ({"zero_optimization": {"stage": 3}}, "ZeRO stages 0, 1 and 2 only"),
     ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "both fp16 and bf16"),
+    ({"bf16": {"enabled": True, "check_grad_overflow": False}}, "'bf16.check_grad_overflow' is false"),
+    ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}}, "'zero_optimization.compute_grad_norm' is false"),
 ])
 def test_ds_config_conflicts_are_errors(tmp_path, ds, needle):
     path = write(tmp_path, json.dumps(ds), "ds.json")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port, launch_env, read_metrics, set_args
+from conftest import REPO, free_port, launch_env, rank_pids, read_metrics, set_args
 
 SHORT = ["train.steps=4", "eval.interval=2", "checkpoint.interval=4", "logging.plot=false"]
 
@@ -42,24 +42,6 @@ def test_local_two_processes(tmp_path, corpus):
     proc = run(script("local.sh") + ["--nproc", "2", "--master-port", str(free_port())] +
                train_args(tmp_path / "run", corpus))
     assert_trained(tmp_path / "run", proc)
-
-
-def rank_pids(marker: str) -> dict:
-    """RANK -> pid of the training processes whose command line contains ``marker``."""
-    pids = {}
-    for proc_dir in Path("/proc").iterdir():
-        if not proc_dir.name.isdigit():
-            continue
-        try:
-            cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            environ = (proc_dir / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if marker in cmdline and "sparsemixer_ds.cli train" in cmdline:
-            for item in environ:
-                if item.startswith(b"RANK="):
-                    pids[int(item[5:])] = int(proc_dir.name)
-    return pids
 
 
 def test_a_killed_rank_ends_the_whole_job(tmp_path, corpus):
@@ -148,6 +130,18 @@ def test_per_node_launch_forms_one_world(tmp_path, corpus):
     assert [node.returncode for node in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert "[rank 0/2]" in outs[0] and "[rank 1/2]" in outs[1], "one world of two, one rank per node"
     assert [m["step"] for m in read_metrics(tmp_path / "run") if "loss" in m] == [1, 2, 3, 4]
+
+
+def test_a_node_that_never_comes_fails_after_the_collective_timeout(tmp_path, corpus):
+    # Node 0 of two starts; node 1 never does. Its rank waits train.collective_timeout_s, then says why.
+    cmd = script("node.sh") + ["--node-rank", "0", "--nodes", "2", "--nproc", "1", "--master-addr", "127.0.0.1",
+                               "--master-port", str(free_port())]
+    start = time.time()
+    proc = run(cmd + train_args(tmp_path / "run", corpus, "train.collective_timeout_s=10"), timeout=240)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "the ranks did not form one process group at 127.0.0.1:" in out and "within 10 s" in out, out[-3000:]
+    assert time.time() - start < 180, "bounded by the timeout (plus start-up), not torch's 30-minute default"
 
 
 @pytest.mark.parametrize("via_deepspeed", [False, True])

@@ -1,6 +1,7 @@
 """Pre-flight checks: bad input is refused before any rank starts, naming the problem, creating nothing."""
 import json
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -78,3 +79,17 @@ def test_run_dir_under_a_file_is_refused(tmp_path, corpus):
     (tmp_path / "afile").write_text("")
     with pytest.raises(ConfigError, match="is a file, not a directory"):
         preflight(config(tmp_path, corpus, f"run_dir={tmp_path / 'afile' / 'run'}"), world=2, resume=False)
+
+
+def test_run_dir_on_a_read_only_disk_is_refused(tmp_path, corpus):
+    # Root writes through file permissions, so the test makes the disk itself read-only.
+    disk = tmp_path / "ro"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root: {mounted.stderr.decode().strip()}")
+    try:
+        with pytest.raises(ConfigError, match=f"run_dir {disk / 'run'}: {disk} is not writable; choose a run_dir"):
+            preflight(config(tmp_path, corpus, f"run_dir={disk / 'run'}"), world=2, resume=False)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

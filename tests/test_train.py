@@ -3,30 +3,43 @@ import json
 import math
 import shutil
 import statistics
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, free_port, launch_env, read_metrics, set_args
+from conftest import REPO, free_port, launch_env, rank_pids, read_metrics, set_args
 
 from safetensors.torch import load_file
 
+from sparsemixer_ds.comm import SHM_DIR
 from sparsemixer_ds.data import eval_batches, open_split
 from sparsemixer_ds.config import ConfigError
 from sparsemixer_ds.export import load_export
+from sparsemixer_ds.train import checkpoint_tags
 
 
-def launch(run_dir, corpus, *overrides, ds_config="ds_configs/cpu.json", resume=False, timeout=300):
-    cmd = ["bash", str(REPO / "launch" / "local.sh"), "--nproc", "2", "--master-port", str(free_port()),
+def launch_cmd(run_dir, corpus, *overrides, port, ds_config="ds_configs/cpu.json", resume=False):
+    cmd = ["bash", str(REPO / "launch" / "local.sh"), "--nproc", "2", "--master-port", str(port),
            "--ds-config", str(REPO / ds_config), "--", "--set", f"run_dir={run_dir}", "--set",
            f"data.path={corpus}"]
-    cmd += set_args(*overrides)
-    if resume:
-        cmd.append("--resume")
+    return cmd + set_args(*overrides) + (["--resume"] if resume else [])
+
+
+def launch(run_dir, corpus, *overrides, ds_config="ds_configs/cpu.json", resume=False, timeout=300, check=True):
+    port = free_port()
+    cmd = launch_cmd(run_dir, corpus, *overrides, port=port, ds_config=ds_config, resume=resume)
     proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
+    if not check:
+        return proc
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
+    # DeepSpeed's CPU backend made a 66 MB shared-memory segment per rank; the run unlinked them.
+    assert not list(SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{port}_*")), "shared memory left behind"
     return proc
 
 
@@ -75,38 +88,98 @@ def test_two_rank_expert_parallel_training_for_each_router(tmp_path, corpus, rou
     assert json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"] == zero
 
 
+FINISHED = ["train.steps=8", "checkpoint.interval=4", "checkpoint.keep=3", "eval.interval=4",
+            "moe.eval_capacity_factor=4.0", "logging.plot=false"]
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, corpus):
     """8 steps, a checkpoint every 4, every loss logged; drop_tokens off so evaluation drops nothing."""
     run_dir = tmp_path_factory.mktemp("runs") / "full"
-    launch(run_dir, corpus, "train.steps=8", "checkpoint.interval=4", "checkpoint.keep=3", "eval.interval=4",
-           "moe.eval_capacity_factor=4.0", "logging.plot=false")
+    launch(run_dir, corpus, *FINISHED)
     return run_dir
 
 
-def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path, corpus, finished_run):
-    # The job died while saving step 8: its tag directory is there, half written (one expert file and
-    # the completion marker missing), and metrics end at step 4, where the last complete checkpoint is.
-    run_dir = tmp_path / "resumed"
-    shutil.copytree(finished_run, run_dir)
-    partial = run_dir / "checkpoints" / "step_00000008"
-    (partial / "COMPLETE").unlink()
-    next(partial.glob("layer_1_expert_3_*")).unlink()
-    full = read_metrics(finished_run)
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in full if m["step"] <= 4))
-    launch(run_dir, corpus, "train.steps=8", "checkpoint.interval=4", "checkpoint.keep=3", "eval.interval=4",
-           "moe.eval_capacity_factor=4.0", "logging.plot=false", resume=True)
-    resumed = read_metrics(run_dir)
-    check = [m for m in resumed if m.get("resumed")]
-    saved_at_4 = [m for m in full if m["step"] == 4 and "val_loss" in m][0]
-    assert len(check) == 1 and check[0]["val_loss"] == pytest.approx(saved_at_4["val_loss"], rel=1e-6)
-    resumed = [m for m in resumed if not m.get("resumed")]
-    assert (partial / "COMPLETE").is_file(), "step 8 was saved again, whole this time"
-    assert [m["step"] for m in resumed] == [m["step"] for m in full]
-    for want, got in zip(full, resumed):
+def assert_resumed_as_uninterrupted(run_dir, finished_run, from_step):
+    """After the ``resumed`` record, the run logged what the uninterrupted one did, to the last step."""
+    full, records = read_metrics(finished_run), read_metrics(run_dir)
+    marks = [i for i, m in enumerate(records) if m.get("resumed")]
+    assert len(marks) == 1 and records[marks[0]]["step"] == from_step
+    saved = [m for m in full if m["step"] == from_step and "val_loss" in m][0]
+    assert records[marks[0]]["val_loss"] == pytest.approx(saved["val_loss"], rel=1e-6), "the model as saved"
+    want = [m for m in full if m["step"] > from_step]
+    got = records[marks[0] + 1:]
+    assert [m["step"] for m in got] == [m["step"] for m in want]
+    for w, g in zip(want, got):
         for key in ("loss", "balance_loss", "lr", "val_loss"):
-            if key in want:
-                assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-7), (want["step"], key)
+            if key in w:
+                assert g[key] == pytest.approx(w[key], rel=1e-6, abs=1e-7), (w["step"], key)
+
+
+def test_a_rank_killed_while_saving_resumes_to_the_uninterrupted_result(tmp_path, corpus, finished_run):
+    """The run of finished_run; rank 1 gets SIGKILL while the job writes its last checkpoint (step 8)."""
+    run_dir = tmp_path / "killed"
+    job = subprocess.Popen(launch_cmd(run_dir, corpus, *FINISHED, port=free_port()), cwd=REPO, env=launch_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    saving = run_dir / "checkpoints" / "step_00000008"
+    try:
+        deadline = time.time() + 180
+        while not (run_dir / "metrics.jsonl").exists():
+            assert time.time() < deadline and job.poll() is None, job.stdout.read()[-4000:]
+            time.sleep(0.05)
+        pids = rank_pids(str(run_dir))
+        assert set(pids) == {0, 1}, f"training ranks not found: {pids}"
+        while not saving.is_dir():
+            assert time.time() < deadline and job.poll() is None, job.stdout.read()[-4000:]
+            time.sleep(0.0005)
+        os.kill(pids[1], signal.SIGKILL)
+        killed_at = time.time()
+        assert job.wait(timeout=90) != 0, "a job that lost a rank must fail"
+        assert time.time() - killed_at < 90 and rank_pids(str(run_dir)) == {}, "no rank outlives the job"
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    assert not (saving / "COMPLETE").exists(), "killed mid-save: the tag is there, unmarked"
+    assert checkpoint_tags(run_dir / "checkpoints") == ["step_00000004"]
+    logged = max(m["step"] for m in read_metrics(run_dir))
+    proc = launch(run_dir, corpus, *FINISHED, resume=True)
+    assert f"removing {saving}: an interrupted save" in proc.stderr
+    assert_resumed_as_uninterrupted(run_dir, finished_run, 4)
+    assert logged - 4 <= 4, "at most one checkpoint interval of steps is lost"
+    assert (saving / "COMPLETE").is_file(), "step 8 was saved again, whole this time"
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes a tree takes on a tmpfs: every file rounded up to whole 4 KiB pages."""
+    return sum(-(-f.stat().st_size // 4096) * 4096 for f in path.rglob("*") if f.is_file())
+
+
+def test_a_full_disk_fails_the_save_and_keeps_the_last_checkpoint(tmp_path, corpus, finished_run):
+    # run_dir on a tmpfs with room for all that finished_run wrote but half of its last checkpoint.
+    last = finished_run / "checkpoints" / "step_00000008"
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    size = disk_usage(finished_run) - disk_usage(last) // 2
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a small tmpfs needs root: {mounted.stderr.decode().strip()}")
+    try:
+        run_dir = disk / "run"
+        proc = launch(run_dir, corpus, *FINISHED, check=False)
+        assert proc.returncode != 0, "a run that cannot save must fail"
+        failed = str(run_dir / "checkpoints" / "step_00000008")
+        assert f"could not write checkpoint {failed}" in proc.stderr, proc.stderr[-3000:]
+        assert "The checkpoints saved before are intact (step_00000004) and --resume continues" in proc.stderr
+        assert checkpoint_tags(run_dir / "checkpoints") == ["step_00000004"]
+        assert not (run_dir / "checkpoints" / "step_00000008" / "COMPLETE").exists()
+        # The checkpoint that was kept is whole: on a disk with room, --resume finishes the run.
+        moved = tmp_path / "moved"
+        shutil.copytree(run_dir, moved)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    launch(moved, corpus, *FINISHED, resume=True)
+    assert_resumed_as_uninterrupted(moved, finished_run, 4)
 
 
 def test_resume_refuses_an_empty_run_and_a_fresh_start_refuses_a_used_one(tmp_path, corpus, finished_run):

@@ -15,6 +15,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from models import TinyMoEModel
 
 from sparsemixer_ds import SparseMixerMoE, convert
+from sparsemixer_ds.comm import init_distributed
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", type=Path, required=True)
@@ -23,7 +24,7 @@ parser.add_argument("--steps", type=int, default=40)
 parser.add_argument("--local_rank", type=int, default=0)
 args = parser.parse_args()
 
-deepspeed.init_distributed(dist_backend="gloo")
+init_distributed()
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)  # the same initial weights on every rank
 model = TinyMoEModel(vocab=32, model_dim=16, num_experts=4, ep_size=world)

@@ -6,12 +6,12 @@ with its own seed; expert parameters are saved under their global expert index.
 import argparse
 from pathlib import Path
 
-import deepspeed
 import torch
 from deepspeed import comm as dist
 from models import EP_CASES, ep_batch, ep_loss, expert_mlp, load_reference_weights, local_expert_offset
 
 from sparsemixer_ds import SparseMixerMoE
+from sparsemixer_ds.comm import init_distributed
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", type=Path, required=True)
@@ -19,7 +19,7 @@ parser.add_argument("--case", choices=sorted(EP_CASES), required=True)
 parser.add_argument("--local_rank", type=int, default=0)
 args = parser.parse_args()
 
-deepspeed.init_distributed(dist_backend="gloo")
+init_distributed()
 rank, world = dist.get_rank(), dist.get_world_size()
 layer = SparseMixerMoE(16, expert_mlp(16), num_experts=4, ep_size=world, **EP_CASES[args.case])
 layer.set_deepspeed_parallelism()

@@ -1,0 +1,37 @@
+"""``sparsemixer-ds train`` with one fault injected: non-finite values at chosen steps on one rank.
+
+Started by the deepspeed launcher (tests/test_faults.py) with the trainer's own arguments. From the
+environment: POISON_STEPS, the 0-based optimizer steps to poison (comma separated, may be empty);
+POISON_RANK; POISON_MODE, ``loss`` (the logits, hence the loss and every gradient, turn NaN) or
+``grad`` (the loss stays finite, the gradient flowing back from the logits turns NaN). Everything
+else is the real trainer, DeepSpeed engine and launcher.
+"""
+import os
+import sys
+
+from sparsemixer_ds import cli
+from sparsemixer_ds.model import MoELM
+
+STEPS = {int(s) for s in os.environ["POISON_STEPS"].split(",") if s}
+RANK = int(os.environ["POISON_RANK"])
+MODE = os.environ["POISON_MODE"]
+clean_forward = MoELM.forward
+calls = {"train": 0}
+
+
+def poisoned_forward(self, tokens):
+    out = clean_forward(self, tokens)
+    if not self.training:
+        return out
+    step = calls["train"]  # one micro-step per optimizer step in these tests
+    calls["train"] += 1
+    if step not in STEPS or int(os.environ["RANK"]) != RANK:
+        return out
+    if MODE == "loss":
+        return out._replace(logits=out.logits + float("nan"))
+    out.logits.register_hook(lambda grad: grad * float("nan"))
+    return out
+
+
+MoELM.forward = poisoned_forward
+sys.exit(cli.main(sys.argv[1:]))
