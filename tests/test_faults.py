@@ -54,6 +54,7 @@ def same_state(a: dict, b: dict) -> bool:
 @pytest.mark.parametrize("mode, zero, bf16", [
     ("loss", 0, False),  # ZeRO 0 in fp32: the engine steps the client optimizer, GuardedAdamW checks
     ("grad", 2, False),  # ZeRO 2: DeepSpeed's optimizer sees the non-finite gradient norm
+    ("grad", 0, True),  # bf16 without ZeRO: DeepSpeed's BF16_Optimizer checks its fp32 gradients
 ])
 def test_non_finite_steps_are_skipped_on_every_rank_and_counted(tmp_path, corpus, mode, zero, bf16):
     proc = poisoned_run(tmp_path, corpus, [2, 3], mode, zero, bf16, "train.steps=7", "checkpoint.interval=1",
