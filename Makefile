@@ -25,7 +25,7 @@ ARGS ?=
 # What the launch tests run for real: sshd + pdsh (hostfile launch), a one-node SLURM cluster with munge.
 SYSTEM_PACKAGES := openssh-server openssh-client pdsh slurmctld slurmd slurm-client munge
 
-.PHONY: setup system-deps test bench study pretrain clean
+.PHONY: setup system-deps test bench study study-long pretrain clean
 
 setup: $(STAMP)
 
@@ -68,6 +68,15 @@ study: setup $(DATA)/meta.json
 	$(BIN)/python benchmarks/convergence.py --set data.path=$(DATA)
 	$(BIN)/python benchmarks/convergence.py --set data.path=$(DATA) --top-k 2 --arms gshard sparsemixer-v2 \
 	  --baseline gshard --out benchmarks/results/convergence-top2
+
+# Its longer regime: 16 experts, 3,000 steps (6.1M tokens per run), switch vs sparsemixer, seeds 0-2, the two arms
+# side by side with one thread each (about 70 minutes on 2 cores). Resumable: finished (arm, seed) runs are kept.
+LONG = --set data.path=$(DATA) --set moe.num_experts=16 --set train.steps=3000 --set eval.interval=250 \
+  --threads 1 --out benchmarks/results/convergence-16e
+study-long: setup $(DATA)/meta.json
+	$(BIN)/python benchmarks/convergence.py $(LONG) --arms switch & \
+	  $(BIN)/python benchmarks/convergence.py $(LONG) --arms sparsemixer; wait
+	$(BIN)/python benchmarks/convergence.py $(LONG) --arms switch sparsemixer --report-only
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
