@@ -69,14 +69,14 @@ study: setup $(DATA)/meta.json
 	$(BIN)/python benchmarks/convergence.py --set data.path=$(DATA) --top-k 2 --arms gshard sparsemixer-v2 \
 	  --baseline gshard --out benchmarks/results/convergence-top2
 
-# Its longer regime: 16 experts, 3,000 steps (6.1M tokens per run), switch vs sparsemixer, seeds 0-2, the two arms
-# side by side with one thread each (about 70 minutes on 2 cores). Resumable: finished (arm, seed) runs are kept.
+# Its longer regime: 16 experts, 3,000 steps (6.1M tokens per run), seeds 0-2, four arms, two processes side by
+# side with one thread each (about 75 minutes on 2 cores). Resumable: finished (arm, seed) runs are kept.
 LONG = --set data.path=$(DATA) --set moe.num_experts=16 --set train.steps=3000 --set eval.interval=250 \
   --threads 1 --out benchmarks/results/convergence-16e
 study-long: setup $(DATA)/meta.json
-	$(BIN)/python benchmarks/convergence.py $(LONG) --arms switch & \
-	  $(BIN)/python benchmarks/convergence.py $(LONG) --arms sparsemixer; wait
-	$(BIN)/python benchmarks/convergence.py $(LONG) --arms switch sparsemixer --report-only
+	$(BIN)/python benchmarks/convergence.py $(LONG) --arms switch sparsemixer-v2 & \
+	  $(BIN)/python benchmarks/convergence.py $(LONG) --arms sparsemixer midpoint-all; wait
+	$(BIN)/python benchmarks/convergence.py $(LONG) --arms switch sparsemixer sparsemixer-v2 midpoint-all --report-only
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
