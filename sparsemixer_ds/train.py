@@ -379,17 +379,19 @@ def restore_checkpoint(engine, scheduler, ckpt_dir: Path, tag: str, rank: int) -
     """
     try:
         _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-        return int(client["step"]), int(client.get("steps_skipped", 0))
+        layout_error = None
     except ZeRORuntimeException as err:
         _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=True,
                                            load_optimizer_states=False, load_lr_scheduler_states=False)
-        step, skipped = int(client["step"]), int(client.get("steps_skipped", 0))
+        layout_error = err
+    step, skipped = int(client["step"]), int(client.get("steps_skipped", 0))
+    if layout_error is not None:
         for _ in range(step - skipped):
             scheduler.step()
         if rank == 0:
             print(f"WARNING: resuming {tag} on another layout: weights loaded, optimizer state reset "
-                  f"(DeepSpeed: {err})", file=sys.stderr, flush=True)
-        return step, skipped
+                  f"(DeepSpeed: {layout_error})", file=sys.stderr, flush=True)
+    return step, skipped
 
 
 def tag_name(step: int) -> str:
