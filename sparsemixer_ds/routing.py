@@ -32,6 +32,7 @@ Ablations, for studies rather than training (benchmarks/fidelity.py, benchmarks/
 from typing import NamedTuple, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 __all__ = ["sparsemixer", "EstimatorRule", "ESTIMATORS"]
 
@@ -91,41 +92,68 @@ def sparsemixer(logits: torch.Tensor,
             gradient to the logits is s * g * p_D * (onehot(D) - p), whatever c was.
     """
     _check_args(logits, top_k, jitter_eps, estimator)
-    rule = ESTIMATORS[estimator]
-    scores_SE = logits.float()  # router maths in float32; an out-of-place copy unless already fp32
-    neg_inf = float("-inf")
-    experts, weights = [], []
-    for _ in range(top_k):
-        if experts:  # experts picked in earlier rounds leave the race
-            scores_SE = scores_SE.scatter(1, experts[-1].unsqueeze(1), neg_inf)
-        with torch.no_grad():
-            detached_SE = scores_SE.detach()
-            max_S1 = detached_SE.max(dim=1, keepdim=True).values
+    # Router maths in float32: an out-of-place copy unless already fp32, so the input is never touched.
+    return _Rounds.apply(logits.float(), top_k, float(jitter_eps), training, ESTIMATORS[estimator])
+
+
+class _Rounds(torch.autograd.Function):
+    """All top_k rounds in one autograd node, with the estimator's backward written out.
+
+    Autograd through the rounds would record a dozen S x E kernels per round (masked fill, softmax,
+    gather and their backwards); the backward needs only each round's probabilities p_k, its draw D_k
+    and p_{D_k}:  dL/dz = sum_k s * g_k * p_{D_k} * (onehot(D_k) - p_k).  The softmax is written out
+    too, reusing the max the jitter mask already needs: PyTorch's CPU softmax is slow on rows as short
+    as E = 8 (benchmarks/gate.py; docs/RESULTS.md).
+    """
+
+    @staticmethod
+    def forward(ctx, scores_SE: torch.Tensor, top_k: int, jitter_eps: float, training: bool,
+                rule: EstimatorRule) -> Tuple[torch.Tensor, torch.Tensor]:
+        num_tokens = scores_SE.shape[0]
+        experts, weights, p_chosen, probs = [], [], [], []
+        for _ in range(top_k):
+            if experts:  # experts picked in earlier rounds leave the race
+                scores_SE = scores_SE.scatter(1, experts[-1].unsqueeze(1), float("-inf"))
+            max_S1, argmax_S1 = scores_SE.max(dim=1, keepdim=True)
             # (m - z) / max(|z|, m) > 2 eps, written without the division: the denominator is
             # zero only where m = z = 0, which must not be masked; excluded -inf entries compare
-            # inf > inf (false) and stay excluded through the -inf already in their place.
-            jitter_mask_SE = (max_S1 - detached_SE) > (2.0 * jitter_eps) * torch.maximum(detached_SE.abs(), max_S1)
-        probs_SE = torch.softmax(scores_SE.masked_fill(jitter_mask_SE, neg_inf), dim=1)
-        with torch.no_grad():
-            probs_detached = probs_SE.detach()
-            argmax_S = probs_detached.argmax(dim=1)
+            # inf > inf (false) and stay excluded through exp(-inf) = 0.
+            jitter_mask_SE = (max_S1 - scores_SE) > (2.0 * jitter_eps) * torch.maximum(scores_SE.abs(), max_S1)
+            unnormalized_SE = torch.exp(scores_SE - max_S1).masked_fill_(jitter_mask_SE, 0.0)
+            cdf_SE = unnormalized_SE.cumsum(dim=1)  # unnormalized; its last column is the softmax's sum
+            total_S1 = cdf_SE[:, -1:]
+            probs_SE = unnormalized_SE.div_(total_S1)
             if training:
                 # Inverse-CDF sampling: one uniform per token instead of one noise draw per expert.
                 # u lies in (0, total], so the first expert whose running sum reaches it has p > 0.
-                coins_S2 = torch.rand(probs_detached.shape[0], 2, device=probs_detached.device)
-                cdf_SE = probs_detached.cumsum(dim=1)
-                threshold_S1 = (1.0 - coins_S2[:, :1]) * cdf_SE[:, -1:]
-                chosen_S = (cdf_SE < threshold_S1).sum(dim=1)
+                coins_S2 = torch.rand(num_tokens, 2, device=scores_SE.device)
+                chosen_S = (cdf_SE < (1.0 - coins_S2[:, :1]) * total_S1).sum(dim=1)
                 keep_full_S = coins_S2[:, 1] < rule.q
                 if rule.exempt_argmax:
-                    keep_full_S = keep_full_S | (chosen_S == argmax_S)
+                    keep_full_S = keep_full_S | (chosen_S == argmax_S1.squeeze(1))
                 scale_S = torch.where(keep_full_S, 1.0, rule.c_low)
             else:
-                chosen_S = argmax_S
-                scale_S = torch.ones_like(probs_detached[:, 0])
-        p_chosen_S = probs_SE.gather(1, chosen_S.unsqueeze(1)).squeeze(1)
-        # Forward value c * p_D; gradient s * d p_D / dz (the detached parts carry no gradient).
-        p_const_S = p_chosen_S.detach()
-        weights.append(scale_S * p_const_S + rule.s * (p_chosen_S - p_const_S))
-        experts.append(chosen_S)
-    return torch.stack(experts, dim=1), torch.stack(weights, dim=1)
+                chosen_S = argmax_S1.squeeze(1)
+                scale_S = torch.ones(num_tokens, device=scores_SE.device)
+            p_chosen_S = probs_SE.gather(1, chosen_S.unsqueeze(1)).squeeze(1)
+            experts.append(chosen_S)
+            weights.append(scale_S * p_chosen_S)  # forward value c * p_D
+            p_chosen.append(p_chosen_S)
+            probs.append(probs_SE)
+        experts_SK = torch.stack(experts, dim=1)
+        ctx.save_for_backward(experts_SK, torch.stack(p_chosen, dim=1), *probs)
+        ctx.s = rule.s
+        ctx.mark_non_differentiable(experts_SK)
+        return experts_SK, torch.stack(weights, dim=1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, _grad_experts, grad_weights_SK: torch.Tensor):
+        experts_SK, p_chosen_SK, *probs = ctx.saved_tensors
+        # Gradient s * d p_D / dz = s * p_D * (onehot(D) - p), whatever the forward scale c was.
+        coef_SK = ctx.s * grad_weights_SK * p_chosen_SK
+        grad_SE = probs[0] * coef_SK[:, :1]
+        for k in range(1, len(probs)):
+            grad_SE.addcmul_(probs[k], coef_SK[:, k:k + 1])
+        grad_SE = grad_SE.neg_().scatter_add_(1, experts_SK, coef_SK)
+        return grad_SE, None, None, None, None
