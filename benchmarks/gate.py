@@ -5,6 +5,7 @@ interleaved (A B A B ...) and each cell is a median. Prints a table; writes JSON
 
     python benchmarks/gate.py                  # the README's table
     python benchmarks/gate.py --smoke          # a tiny shape, a few repeats (CI)
+    python benchmarks/gate.py --profile 16384,256,8,2   # where SparseMixerGate's time goes (S,d,E,k)
 """
 import argparse
 import json
@@ -24,6 +25,8 @@ from deepspeed.moe.sharded_moe import TopKGate  # noqa: E402
 from sparsemixer_ds import SparseMixerGate  # noqa: E402
 
 SHAPES = [  # (tokens S, model dim d, experts E)
+    (16384, 256, 8),  # few experts: short softmax rows, where a CPU softmax is slowest per element
+    (65536, 256, 8),
     (16384, 512, 16),
     (16384, 64, 64),  # router-dominated: the linear is cheap, per-expert bookkeeping is not
 ]
@@ -98,14 +101,42 @@ def bench_shape(tokens: int, dim: int, experts: int, repeats: int, device: torch
     return rows
 
 
+def profile_shape(shape: str, device: torch.device) -> None:
+    """Print torch.profiler's table for SparseMixerGate forward + backward at one "S,d,E,k" shape."""
+    try:
+        tokens, dim, experts, k = (int(v) for v in shape.split(","))
+    except ValueError:
+        raise SystemExit(f"--profile takes S,d,E,k as four integers, e.g. 16384,256,8,2; got {shape!r}")
+    from torch.profiler import ProfilerActivity, profile
+    torch.manual_seed(0)
+    x = torch.randn(tokens, dim, device=device)
+    probe = torch.randn(2, tokens, device=device)
+    gate = SparseMixerGate(dim, experts, k=k, capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=4).to(device)
+    step = make_step(gate, x, probe)
+    for _ in range(3):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(20):
+            step()
+        sync(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"SparseMixerGate forward+backward, S={tokens} d={dim} E={experts} k={k}, 20 steps, {device}")
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=20))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--smoke", action="store_true", help="one tiny shape, 3 repeats: checks the script runs")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/gate.json"))
+    parser.add_argument("--profile", metavar="S,d,E,k", help="print the profile of one shape instead of the table")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.profile:
+        profile_shape(args.profile, device)
+        return
     shapes, repeats = (SMOKE_SHAPES, 3) if args.smoke else (SHAPES, args.repeats)
 
     rows = [row for shape in shapes for row in bench_shape(*shape, repeats, device)]

@@ -24,6 +24,16 @@ def test_gate_benchmark_smoke(tmp_path):
         assert f"{row['vs_topk']:.2f}x" in stdout
 
 
+def test_gate_profile_names_the_routing_node(tmp_path):
+    stdout = run_script(REPO / "benchmarks" / "gate.py", "--profile", "256,16,8,2", "--json", tmp_path / "unused.json")
+    assert "S=256 d=16 E=8 k=2" in stdout
+    assert "_Rounds" in stdout and "aten::mm" in stdout  # the routing rounds' autograd node and the router matmul
+    assert not (tmp_path / "unused.json").exists()
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gate.py"), "--profile", "256,16"], cwd=REPO,
+                          env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--profile takes S,d,E,k" in proc.stderr and "'256,16'" in proc.stderr
+
+
 def test_fidelity_smoke_bears_out_the_estimators_facts(tmp_path):
     out = tmp_path / "fidelity.json"
     run_script(REPO / "benchmarks" / "fidelity.py", "--smoke", "--json", out)
