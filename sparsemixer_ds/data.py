@@ -222,7 +222,8 @@ def prepare(inputs: Optional[Sequence[str]], out_dir: Path, tokenizer: str = "by
 
     inputs: files / directories / globs, or None for the standard library sources. tokenizer: "bytes",
     "bpe" (trained on the training documents with ``vocab_size``) or a path to a tokenizer.json.
-    The split is by document and depends only on (seed, document key). Returns the meta dict.
+    The split is by document and depends only on (seed, document key); the key holds the path as given
+    (see iter_documents), so the same corpus passed by another path splits differently. Returns the meta dict.
     """
     if not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be a number in [0, 1) (0.01 is usual); got {val_fraction!r}")
