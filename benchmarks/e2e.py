@@ -4,7 +4,7 @@ For 1 and 2 ranks (ep_size = ranks), each router trains the default model (confi
 for a fixed number of steps; tokens/s is the median of the logged windows after the first (which
 holds start-up). The routers run in turn, and the whole round repeats (A B C D A B C D ...).
 
-    python benchmarks/e2e.py                # 2 rounds, 80 steps each
+    python benchmarks/e2e.py                # 4 rounds, 80 steps each
     python benchmarks/e2e.py --smoke        # 1 round, tiny model, 1 rank, 2 routers (CI)
 """
 import argparse
@@ -47,7 +47,7 @@ def run_once(router: str, k: int, ranks: int, steps: int, extra: list, workdir: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--data", default="data/stdlib-bytes")
