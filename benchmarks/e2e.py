@@ -6,6 +6,10 @@ holds start-up). The routers run in turn, and the whole round repeats (A B C D A
 
     python benchmarks/e2e.py                # 4 rounds, 80 steps each
     python benchmarks/e2e.py --smoke        # 1 round, tiny model, 1 rank, 2 routers (CI)
+    python benchmarks/e2e.py --ranks 1 --routers sparsemixer switch --rounds 6   # one pair, more rounds
+
+"vs switch" divides the medians; "paired" is the median over rounds of each round's ratio to switch's
+run in the same round, which cancels drifts of the machine's speed that last longer than a round.
 """
 import argparse
 import json
@@ -51,10 +55,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--data", default="data/stdlib-bytes")
+    parser.add_argument("--routers", nargs="+", choices=[name for name, _ in ROUTERS], default=None,
+                        help="a subset of the routers (switch, the baseline, is always run)")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/e2e.json"))
     args = parser.parse_args()
-    routers, extra = ROUTERS, [f"data.path={args.data}"]
+    chosen = set(args.routers or [name for name, _ in ROUTERS]) | {"switch"}
+    routers, extra = [(name, k) for name, k in ROUTERS if name in chosen], [f"data.path={args.data}"]
     if args.smoke:
         args.rounds, args.steps, args.ranks, routers = 1, 30, [1], ROUTERS[::2]
         extra += TINY
@@ -67,7 +74,7 @@ def main() -> None:
                     results.setdefault(f"{ranks}", {}).setdefault(router, []).append(tok_s)
     print(f"training tokens/s, `sparsemixer-ds train` via launch/local.sh, configs/cpu_small.yaml, {args.steps} steps, "
           f"median window of each run, then median over {args.rounds} interleaved rounds")
-    header = f"{'ranks':>5} {'router':<15} | {'tokens/s':>9} | {'vs switch':>9}"
+    header = f"{'ranks':>5} {'router':<15} | {'tokens/s':>9} | {'vs switch':>9} {'paired':>7}"
     print(header)
     print("-" * len(header))
     table = []
@@ -75,9 +82,10 @@ def main() -> None:
         switch = statistics.median(by_router["switch"])
         for router, values in by_router.items():
             tok_s = statistics.median(values)
+            paired = statistics.median(v / base for v, base in zip(values, by_router["switch"]))
             table.append({"ranks": int(ranks), "router": router, "tokens_per_s": tok_s, "vs_switch": tok_s / switch,
-                          "runs": values})
-            print(f"{ranks:>5} {router:<15} | {tok_s:>9,.0f} | {tok_s / switch:>8.2f}x")
+                          "vs_switch_paired": paired, "runs": values})
+            print(f"{ranks:>5} {router:<15} | {tok_s:>9,.0f} | {tok_s / switch:>8.2f}x {paired:>6.2f}x")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"steps": args.steps, "rounds": args.rounds, "rows": table}, indent=2))
     print(f"wrote {args.json}")

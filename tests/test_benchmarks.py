@@ -63,6 +63,8 @@ def test_end_to_end_smoke(tmp_path, corpus):
     rows = {r["router"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"sparsemixer", "switch"} and rows["switch"]["vs_switch"] == 1.0
     assert all(r["tokens_per_s"] > 0 for r in rows.values())
+    mixer, switch = rows["sparsemixer"], rows["switch"]
+    assert mixer["vs_switch_paired"] == mixer["runs"][0] / switch["runs"][0]  # one round: its own ratio
 
 
 def test_convergence_smoke_and_resumable(tmp_path, corpus):
