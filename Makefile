@@ -60,6 +60,7 @@ bench: setup $(DATA)/meta.json
 	$(BIN)/python benchmarks/moe_layer.py
 	$(BIN)/deepspeed --num_gpus 2 benchmarks/moe_layer.py
 	$(BIN)/python benchmarks/e2e.py --data $(DATA)
+	$(BIN)/python benchmarks/model_step.py
 	$(BIN)/python benchmarks/fidelity.py
 	$(BIN)/python benchmarks/growth.py
 

@@ -67,6 +67,16 @@ def test_end_to_end_smoke(tmp_path, corpus):
     assert mixer["vs_switch_paired"] == mixer["runs"][0] / switch["runs"][0]  # one round: its own ratio
 
 
+def test_model_step_smoke(tmp_path):
+    out = tmp_path / "step.json"
+    stdout = run_script(REPO / "benchmarks" / "model_step.py", "--smoke", "--json", out)
+    rows = {r["router"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"sparsemixer", "sparsemixer-v2", "switch", "gshard", "sparsemixer without omega"}
+    assert rows["switch"]["vs_switch"] == 1.0
+    for r in rows.values():
+        assert r["ms"] > 0 and r["vs_switch"] == r["ms"] / rows["switch"]["ms"] and f"{r['vs_switch']:.3f}x" in stdout
+
+
 def test_convergence_smoke_and_resumable(tmp_path, corpus):
     out = tmp_path / "study"
     args = [REPO / "benchmarks" / "convergence.py", "--smoke", "--set", f"data.path={corpus}", "--out", out]

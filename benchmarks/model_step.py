@@ -1,0 +1,99 @@
+"""One training step's forward + backward of the default model per router, in one process.
+
+The end-to-end benchmark (e2e.py) times whole launched runs, whose speed on a shared machine moves
+by more than the few percent between routers. This one times only the model's forward + backward on
+one batch, all routers in the same process, interleaved (A B C ... A B C ...), with medians: what
+remains of a difference here is the router's own cost. ``sparsemixer without omega`` drops the
+midpoint estimator's per-channel output scale, to show what that multiply costs.
+
+    python benchmarks/model_step.py            # configs/cpu_small.yaml, ep_size 1, 60 rounds
+    python benchmarks/model_step.py --smoke    # a tiny model, 3 rounds (CI)
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from sparsemixer_ds.config import load_config  # noqa: E402
+from sparsemixer_ds.model import MoELM  # noqa: E402
+from sparsemixer_ds.moe import SparseMixerMoE  # noqa: E402
+
+ROUTERS = [("sparsemixer", 1), ("sparsemixer-v2", 1), ("switch", 1), ("gshard", 2)]
+NO_OMEGA = "sparsemixer without omega"
+TINY = ["model.d_model=32", "model.n_heads=2", "model.n_layers=2", "model.seq_len=32", "model.ffn_hidden=64",
+        "moe.num_experts=4", "moe.expert_hidden=32", "train.micro_batch=4"]
+
+
+def build(config: Path, router: str, k: int, extra: list) -> MoELM:
+    cfg = load_config(config, [f"moe.router={router}", f"moe.top_k={k}", "moe.ep_size=1", "model.vocab_size=257",
+                               *extra])
+    torch.manual_seed(0)
+    return MoELM(cfg.model, cfg.moe)
+
+
+def make_step(model: MoELM, tokens: torch.Tensor):
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten()) + out.aux_loss
+        loss.backward()
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=Path("configs/cpu_small.yaml"))
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: what each of 2 ranks gets here)")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/model_step.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    extra = TINY if args.smoke else []
+    rounds = 3 if args.smoke else args.rounds
+
+    models = {router: build(args.config, router, k, extra) for router, k in ROUTERS}
+    models[NO_OMEGA] = build(args.config, "sparsemixer", 1, extra)
+    for layer in models[NO_OMEGA].modules():
+        if isinstance(layer, SparseMixerMoE):
+            layer.register_parameter("omega", None)
+    cfg = load_config(args.config, extra)
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 256, (cfg.train.micro_batch, cfg.model.seq_len + 1))
+    steps = {name: make_step(model, tokens) for name, model in models.items()}
+    for step in steps.values():  # warm-up: allocator, lazy init
+        for _ in range(3):
+            step()
+    samples = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            samples[name].append(time.perf_counter() - start)
+
+    switch = statistics.median(samples["switch"])
+    rows = []
+    print(f"model forward+backward, {args.config} (ep_size 1), batch {tuple(tokens[:, :-1].shape)}, "
+          f"median of {rounds} interleaved rounds, {args.threads} thread(s), torch {torch.__version__}")
+    header = f"{'router':<26} | {'ms':>8} | {'vs switch':>9}"
+    print(header)
+    print("-" * len(header))
+    for name, values in samples.items():
+        ms = statistics.median(values) * 1e3
+        rows.append({"router": name, "ms": ms, "vs_switch": ms / (switch * 1e3)})
+        print(f"{name:<26} | {ms:>8.2f} | {ms / (switch * 1e3):>8.3f}x")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"config": str(args.config), "rounds": rounds, "threads": args.threads,
+                                     "rows": rows}, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
