@@ -44,12 +44,15 @@ def make_step(model: MoELM, tokens: torch.Tensor):
         out = model(tokens[:, :-1])
         loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten()) + out.aux_loss
         loss.backward()
+        if tokens.is_cuda:
+            torch.cuda.synchronize(tokens.device)
     return step
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("configs/cpu_small.yaml"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: what each of 2 ranks gets here)")
     parser.add_argument("--smoke", action="store_true")
@@ -59,6 +62,7 @@ def main() -> None:
     extra = TINY if args.smoke else []
     rounds = 3 if args.smoke else args.rounds
 
+    device = torch.device(args.device)
     models = {router: build(args.config, router, k, extra) for router, k in ROUTERS}
     models[NO_OMEGA] = build(args.config, "sparsemixer", 1, extra)
     for layer in models[NO_OMEGA].modules():
@@ -66,8 +70,8 @@ def main() -> None:
             layer.register_parameter("omega", None)
     cfg = load_config(args.config, extra)
     torch.manual_seed(1)
-    tokens = torch.randint(0, 256, (cfg.train.micro_batch, cfg.model.seq_len + 1))
-    steps = {name: make_step(model, tokens) for name, model in models.items()}
+    tokens = torch.randint(0, 256, (cfg.train.micro_batch, cfg.model.seq_len + 1), device=device)
+    steps = {name: make_step(model.to(device), tokens) for name, model in models.items()}
     for step in steps.values():  # warm-up: allocator, lazy init
         for _ in range(3):
             step()
@@ -81,7 +85,7 @@ def main() -> None:
     switch = statistics.median(samples["switch"])
     rows = []
     print(f"model forward+backward, {args.config} (ep_size 1), batch {tuple(tokens[:, :-1].shape)}, "
-          f"median of {rounds} interleaved rounds, {args.threads} thread(s), torch {torch.__version__}")
+          f"median of {rounds} interleaved rounds, {device}, {args.threads} thread(s), torch {torch.__version__}")
     header = f"{'router':<26} | {'ms':>8} | {'vs switch':>9}"
     print(header)
     print("-" * len(header))
@@ -90,8 +94,8 @@ def main() -> None:
         rows.append({"router": name, "ms": ms, "vs_switch": ms / (switch * 1e3)})
         print(f"{name:<26} | {ms:>8.2f} | {ms / (switch * 1e3):>8.3f}x")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"config": str(args.config), "rounds": rounds, "threads": args.threads,
-                                     "rows": rows}, indent=2))
+    args.json.write_text(json.dumps({"config": str(args.config), "device": str(device), "rounds": rounds,
+                                     "threads": args.threads, "rows": rows}, indent=2))
     print(f"wrote {args.json}")
 
 
