@@ -31,6 +31,7 @@ SHAPES = [  # (tokens S, model dim d, experts E)
     (16384, 64, 64),  # router-dominated: the linear is cheap, per-expert bookkeeping is not
 ]
 SMOKE_SHAPES = [(512, 32, 8)]
+GATE_OPTIONS = dict(capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=4)
 
 
 def sync(device: torch.device) -> None:
@@ -82,7 +83,7 @@ def bench_shape(tokens: int, dim: int, experts: int, repeats: int, device: torch
     probe = torch.randn(2, tokens, device=device)
     rows = []
     for k in (1, 2):
-        common = dict(k=k, capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=4)
+        common = dict(k=k, **GATE_OPTIONS)
         topk = TopKGate(dim, experts, **common).to(device)
         mixer = SparseMixerGate(dim, experts, **common).to(device)
         mixer.wg.weight.data.copy_(topk.wg.weight.data)
@@ -111,7 +112,7 @@ def profile_shape(shape: str, device: torch.device) -> None:
     torch.manual_seed(0)
     x = torch.randn(tokens, dim, device=device)
     probe = torch.randn(2, tokens, device=device)
-    gate = SparseMixerGate(dim, experts, k=k, capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=4).to(device)
+    gate = SparseMixerGate(dim, experts, k=k, **GATE_OPTIONS).to(device)
     step = make_step(gate, x, probe)
     for _ in range(3):
         step()

@@ -11,24 +11,18 @@ midpoint estimator's per-channel output scale, to show what that multiply costs.
 """
 import argparse
 import json
-import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from e2e import TINY
+from gate import time_interleaved  # sets DS_ACCELERATOR=cpu where there is no GPU, before DeepSpeed loads
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-from sparsemixer_ds.config import load_config  # noqa: E402
-from sparsemixer_ds.model import MoELM  # noqa: E402
-from sparsemixer_ds.moe import SparseMixerMoE  # noqa: E402
+from sparsemixer_ds.config import load_config
+from sparsemixer_ds.model import MoELM
+from sparsemixer_ds.moe import SparseMixerMoE
 
 ROUTERS = [("sparsemixer", 1), ("sparsemixer-v2", 1), ("switch", 1), ("gshard", 2)]
 NO_OMEGA = "sparsemixer without omega"
-TINY = ["model.d_model=32", "model.n_heads=2", "model.n_layers=2", "model.seq_len=32", "model.ffn_hidden=64",
-        "moe.num_experts=4", "moe.expert_hidden=32", "train.micro_batch=4"]
 
 
 def build(config: Path, router: str, k: int, extra: list) -> MoELM:
@@ -44,8 +38,6 @@ def make_step(model: MoELM, tokens: torch.Tensor):
         out = model(tokens[:, :-1])
         loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten()) + out.aux_loss
         loss.backward()
-        if tokens.is_cuda:
-            torch.cuda.synchronize(tokens.device)
     return step
 
 
@@ -72,25 +64,17 @@ def main() -> None:
     torch.manual_seed(1)
     tokens = torch.randint(0, 256, (cfg.train.micro_batch, cfg.model.seq_len + 1), device=device)
     steps = {name: make_step(model.to(device), tokens) for name, model in models.items()}
-    for step in steps.values():  # warm-up: allocator, lazy init
-        for _ in range(3):
-            step()
-    samples = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            samples[name].append(time.perf_counter() - start)
+    medians = time_interleaved(steps, rounds, device)
 
-    switch = statistics.median(samples["switch"])
+    switch = medians["switch"]
     rows = []
     print(f"model forward+backward, {args.config} (ep_size 1), batch {tuple(tokens[:, :-1].shape)}, "
           f"median of {rounds} interleaved rounds, {device}, {args.threads} thread(s), torch {torch.__version__}")
     header = f"{'router':<26} | {'ms':>8} | {'vs switch':>9}"
     print(header)
     print("-" * len(header))
-    for name, values in samples.items():
-        ms = statistics.median(values) * 1e3
+    for name, seconds in medians.items():
+        ms = seconds * 1e3
         rows.append({"router": name, "ms": ms, "vs_switch": ms / (switch * 1e3)})
         print(f"{name:<26} | {ms:>8.2f} | {ms / (switch * 1e3):>8.3f}x")
     args.json.parent.mkdir(parents=True, exist_ok=True)
