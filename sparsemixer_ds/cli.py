@@ -52,8 +52,8 @@ def _export(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     import torch
 
-    from .data import BpeTokenizer, ByteTokenizer
-    from .export import load_checkpoint_model, load_export, tokenizer_record
+    from .data import BpeTokenizer, ByteTokenizer, tokenizer_record
+    from .export import load_checkpoint_model, load_export
     if args.export:
         model, cfg, record = load_export(Path(args.export))
     else:

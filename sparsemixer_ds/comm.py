@@ -1,5 +1,6 @@
-"""Starting DeepSpeed's process group without leaving anything behind on the machine."""
+"""Starting DeepSpeed's process group, under any launcher, without leaving anything behind on the machine."""
 import os
+import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -10,6 +11,25 @@ from deepspeed.accelerator import get_accelerator
 from .config import RunError
 
 SHM_DIR = Path("/dev/shm")
+
+
+def discover_mpi() -> None:
+    """Under mpirun, take rank, world size and local rank from mpi4py.
+
+    DeepSpeed's own MPI discovery would do the same but points MASTER_ADDR at the first address of
+    ``hostname -I``, which is wrong on multi-homed hosts; here MASTER_ADDR and MASTER_PORT come from
+    the environment (launch/mpi.sh sets them), else rank 0's host name and 29500.
+    """
+    under_mpi = any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
+    if "RANK" in os.environ or not under_mpi:
+        return
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    master = comm.bcast(os.environ.get("MASTER_ADDR") or socket.gethostname(), root=0)
+    os.environ.update(RANK=str(comm.Get_rank()), WORLD_SIZE=str(comm.Get_size()), LOCAL_RANK=str(node.Get_rank()),
+                      LOCAL_SIZE=str(node.Get_size()), MASTER_ADDR=master,
+                      MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
 
 
 def init_distributed(timeout_s: float = 1800.0, verbose: bool = True) -> None:

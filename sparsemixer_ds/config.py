@@ -17,18 +17,7 @@ from typing import Any, List, Optional, Sequence
 
 import yaml
 
-ROUTERS = {  # router name -> the top_k values it takes
-    "sparsemixer": (1, ),  # SparseMixer, midpoint estimator (Liu et al. 2023)
-    "sparsemixer-v2": (1, 2),  # SparseMixer-v2 / GRIN, heun3 estimator (Liu et al. 2024)
-    "switch": (1, ),  # DeepSpeed TopKGate k=1 with input jitter (Fedus et al. 2021)
-    "gshard": (2, ),  # DeepSpeed TopKGate k=2 (Lepikhin et al. 2020)
-    # Ablations of the estimator, for studies (sparsemixer_ds.routing explains each).
-    "sampled": (1, 2),
-    "euler": (1, 2),
-    "midpoint-all": (1, 2),
-}
-BASELINE_ROUTERS = ("switch", "gshard")  # DeepSpeed's own TopKGate
-
+from .routers import ROUTERS
 
 class ConfigError(ValueError):
     """A run or DeepSpeed config that cannot run; the message says where and how to fix it."""
@@ -40,6 +29,7 @@ class RunError(RuntimeError):
 
 @dataclass
 class ModelConfig:
+    family: str = "native"  # which kind of model (sparsemixer_ds.families): native = this project's decoder LM
     vocab_size: int = 0  # 0: take it from the prepared data's meta.json
     d_model: int = 128  # M, the residual width
     n_layers: int = 4
@@ -52,7 +42,7 @@ class ModelConfig:
 
 @dataclass
 class MoEConfig:
-    router: str = "sparsemixer"  # sparsemixer | sparsemixer-v2 | switch | gshard (| ablations, see ROUTERS)
+    router: str = "sparsemixer"  # sparsemixer | sparsemixer-v2 | switch | gshard (| ablations: sparsemixer_ds.routers)
     top_k: int = 1  # routes per token: 1 (sparsemixer, switch), 1 or 2 (sparsemixer-v2), 2 (gshard)
     num_experts: int = 8  # E per MoE layer
     moe_every: int = 2  # every moe_every-th block is MoE (Switch: every other one)
@@ -63,7 +53,7 @@ class MoEConfig:
     min_capacity: int = 4
     drop_tokens: bool = True  # False: dropless, capacity = the largest expert load
     jitter_eps: float = 0.1  # SparseMixer's jitter mask (switch uses DeepSpeed's fixed input jitter)
-    balance_coef: float = 0.01  # weight of the Switch load-balance loss in the training loss
+    balance_coef: float = 0.01  # weight of the Switch load-balance loss in the training loss (0: none)
     z_loss_coef: float = 0.0  # weight of the ST-MoE router z-loss (SparseMixer routers only)
 
 
@@ -237,9 +227,9 @@ def validate(cfg: RunConfig) -> None:
              f"rotary positions need an even head size; d_model / n_heads = {m.d_model // m.n_heads}")
     _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1); got {m.dropout}")
     _require(moe.router in ROUTERS, f"moe.router must be one of {', '.join(ROUTERS)}; got {moe.router!r}")
-    _require(moe.top_k in ROUTERS[moe.router],
+    _require(moe.top_k in ROUTERS[moe.router].top_k,
              f"moe.top_k={moe.top_k} does not fit moe.router={moe.router!r}, which takes top_k in "
-             f"{list(ROUTERS[moe.router])}")
+             f"{list(ROUTERS[moe.router].top_k)}")
     _require(moe.top_k <= moe.num_experts, f"moe.top_k={moe.top_k} exceeds moe.num_experts={moe.num_experts}")
     _require(moe.num_experts % moe.ep_size == 0,
              f"moe.num_experts={moe.num_experts} must be divisible by moe.ep_size={moe.ep_size}: each rank of an "
@@ -251,11 +241,9 @@ def validate(cfg: RunConfig) -> None:
     _require(0.0 <= moe.jitter_eps < 1.0, f"moe.jitter_eps must be in [0, 1) (the paper uses 0.1); got {moe.jitter_eps}")
     _require(moe.balance_coef >= 0.0, f"moe.balance_coef must be >= 0; got {moe.balance_coef}")
     _require(moe.z_loss_coef >= 0.0, f"moe.z_loss_coef must be >= 0; got {moe.z_loss_coef}")
-    _require(moe.z_loss_coef == 0.0 or moe.router not in BASELINE_ROUTERS,
+    _require(moe.z_loss_coef == 0.0 or not ROUTERS[moe.router].baseline,
              f"moe.z_loss_coef={moe.z_loss_coef} needs a SparseMixer router; DeepSpeed's TopKGate ({moe.router}) "
              "has no z-loss")
-    _require(moe.z_loss_coef == 0.0 or moe.balance_coef > 0.0,
-             "moe.z_loss_coef > 0 needs moe.balance_coef > 0: the z-loss travels inside the layer's aux loss")
     _require(t.steps >= 1 or t.tokens > 0, f"train.steps must be >= 1 (or set train.tokens); got {t.steps}")
     _require(t.tokens >= 0, f"train.tokens must be >= 0; got {t.tokens}")
     _require(0.0 < t.lr < 1.0, f"train.lr must be in (0, 1); got {t.lr}")
@@ -289,7 +277,8 @@ _OWNED_BATCH_KEYS = {
 
 
 def load_ds_config(path: Path, cfg: RunConfig, world_size: int) -> dict:
-    """The DeepSpeed JSON at ``path`` with the run config's batch settings filled in."""
+    """The DeepSpeed JSON at ``path`` with the run config's batch settings filled in. What a model
+    family needs of it (the ZeRO stages it works with, say) its ``ds_config`` checks and adds."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"DeepSpeed config {path} does not exist; set ds_config to one of ds_configs/*.json")
@@ -317,10 +306,6 @@ def load_ds_config(path: Path, cfg: RunConfig, world_size: int) -> dict:
         if key in ds:
             raise ConfigError(f"{path}: has an '{key}' block, but the run config owns the optimizer and the "
                               "learning-rate schedule (train.lr, train.warmup_steps, ...); remove it from the JSON")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2):
-        raise ConfigError(f"{path}: zero_optimization.stage={stage!r}; DeepSpeed's MoE layers work with ZeRO "
-                          "stages 0, 1 and 2 only")
     if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
         raise ConfigError(f"{path}: enables both fp16 and bf16; enable one of them")
     # DeepSpeed's own checks skip a step with non-finite gradients; these settings turn them off.

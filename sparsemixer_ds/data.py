@@ -22,8 +22,11 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-__all__ = ["ByteTokenizer", "BpeTokenizer", "load_tokenizer", "default_corpus", "resolve_inputs",
-           "iter_documents", "prepare", "TokenFile", "open_split", "Batches", "eval_batches"]
+from .config import ConfigError
+
+__all__ = ["ByteTokenizer", "BpeTokenizer", "load_tokenizer", "tokenizer_record", "default_corpus", "resolve_inputs",
+           "iter_documents", "prepare", "read_meta", "model_vocab_size", "TokenFile", "open_split", "Batches",
+           "eval_batches"]
 
 EOS_TOKEN = "<|endoftext|>"
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".json", ".jsonl")
@@ -99,22 +102,48 @@ class BpeTokenizer:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-def _read_meta(data_dir: Path) -> dict:
+def read_meta(data_dir: Path) -> dict:
+    """A prepared data directory's meta.json: tokenizer, vocabulary size, token dtype, token counts."""
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist; run `sparsemixer-ds prepare` to write "
-                                f"the token files into {str(data_dir)!r} first")
+        raise FileNotFoundError(f"{str(Path(data_dir))!r} has no meta.json; prepare it first: "
+                                f"sparsemixer-ds prepare --out {data_dir}")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def model_vocab_size(data_dir: Path, vocab_size: int) -> int:
+    """The vocabulary a model of ``data_dir`` needs: the data's for ``vocab_size`` 0, else ``vocab_size``,
+    which must cover every token id in the data (one pass over each memory map)."""
+    meta = read_meta(data_dir)
+    if vocab_size == 0:
+        vocab_size = int(meta["vocab_size"])
+    elif vocab_size < int(meta["vocab_size"]):
+        raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the data's vocabulary "
+                         f"({meta['vocab_size']} in {data_dir}/meta.json); set it to 0 to take the data's")
+    for split in SPLITS:
+        tokens = open_split(data_dir, split)
+        if len(tokens) and int(tokens.data.max()) >= vocab_size:
+            raise ConfigError(f"{tokens.path} holds token id {int(tokens.data.max())}, outside the vocabulary of "
+                             f"{vocab_size}; the token file does not belong to this meta.json or "
+                             "model.vocab_size is too small (prepare the data again, or set model.vocab_size=0)")
+    return vocab_size
 
 
 def load_tokenizer(data_dir: Path) -> Union[ByteTokenizer, BpeTokenizer]:
     """The tokenizer a prepared data directory was written with (from its meta.json)."""
-    kind = _read_meta(data_dir).get("tokenizer")
+    kind = read_meta(data_dir).get("tokenizer")
     if kind == "bytes":
         return ByteTokenizer()
     if kind == "bpe":
         return BpeTokenizer.from_file(Path(data_dir) / "tokenizer.json")
     raise ValueError(f"{str(Path(data_dir) / 'meta.json')!r} names tokenizer {kind!r}; expected 'bytes' or 'bpe'")
+
+
+def tokenizer_record(data_dir: Path) -> dict:
+    """What generation needs of a data directory's tokenizer, for storing inside an export:
+    ``{"kind": "bytes" | "bpe", "json": the tokenizer.json text or None}``."""
+    kind = read_meta(data_dir)["tokenizer"]
+    return {"kind": kind, "json": (Path(data_dir) / "tokenizer.json").read_text() if kind == "bpe" else None}
 
 
 def default_corpus() -> List[Path]:
@@ -300,7 +329,7 @@ def open_split(data_dir: Path, split: str) -> TokenFile:
     """``data_dir/{split}.bin`` with the dtype its meta.json records."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
-    meta = _read_meta(data_dir)
+    meta = read_meta(data_dir)
     path = Path(data_dir) / f"{split}.bin"
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist; run `sparsemixer-ds prepare` to write it")

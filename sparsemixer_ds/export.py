@@ -15,7 +15,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, RunConfig, config_dict, config_from_dict
-from .model import MoELM
+from .data import tokenizer_record
+from .families import get_family
+from .rundir import RunDir
 
 EXPORT_FORMAT = "sparsemixer_ds.export/2"
 
@@ -35,47 +37,20 @@ def _single_process_group() -> None:
     init_distributed(verbose=False)
 
 
-def resolve_checkpoint(run_dir: Path, tag: Optional[str]) -> Tuple[Path, str]:
-    """The checkpoint directory and tag (the newest when ``tag`` is None), or a clear error."""
-    from .train import CHECKPOINTS, checkpoint_tags
-    ckpt_dir = Path(run_dir) / CHECKPOINTS
-    tags = checkpoint_tags(ckpt_dir)
-    if not tags:
-        raise ConfigError(f"{ckpt_dir} holds no checkpoint; train first or point --run at a run directory")
-    if tag is None:
-        return ckpt_dir, tags[-1]
-    if tag not in tags:
-        raise ConfigError(f"checkpoint tag {tag!r} is not in {ckpt_dir}; it has {', '.join(tags)}")
-    return ckpt_dir, tag
-
-
-def load_checkpoint_model(run_dir: Path, tag: Optional[str] = None) -> Tuple[MoELM, RunConfig]:
-    """The model of a run's checkpoint, all experts on this process (ep_size = 1), on the CPU."""
+def load_checkpoint_model(run_dir: Path, tag: Optional[str] = None) -> Tuple[torch.nn.Module, RunConfig]:
+    """The model of a run's checkpoint (the newest unless ``tag``), all experts on this process
+    (ep_size = 1), on the CPU."""
     import deepspeed
-    run_dir = Path(run_dir)
-    ckpt_dir, tag = resolve_checkpoint(run_dir, tag)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise ConfigError(f"{config_path} is missing; it is written when a run starts and holds the model shape")
-    import yaml
-    cfg = config_from_dict(yaml.safe_load(config_path.read_text()), str(config_path))
+    run = RunDir(run_dir)
+    tag = run.checkpoint(tag)
+    cfg = run.saved_config()
     cfg.moe.ep_size = 1
     _single_process_group()
     torch.manual_seed(0)
-    model = MoELM(cfg.model, cfg.moe)
+    model = get_family(cfg).build(cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, config={"train_micro_batch_size_per_gpu": 1})
-    engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=True, load_optimizer_states=False,
-                           load_lr_scheduler_states=False)
+    run.load_weights(engine, tag)
     return engine.module.float().cpu().eval(), cfg
-
-
-def tokenizer_record(data_dir: Path) -> dict:
-    """What generation needs of the tokenizer, stored inside the export."""
-    meta = json.loads((Path(data_dir) / "meta.json").read_text())
-    record = {"kind": meta["tokenizer"], "json": None}
-    if meta["tokenizer"] == "bpe":
-        record["json"] = (Path(data_dir) / "tokenizer.json").read_text()
-    return record
 
 
 def export(run_dir: Path, out_path: Path, tag: Optional[str] = None) -> Path:
@@ -90,7 +65,7 @@ def export(run_dir: Path, out_path: Path, tag: Optional[str] = None) -> Path:
         "config": json.dumps(config_dict(cfg)),
         "tokenizer": json.dumps(tokenizer_record(Path(cfg.data.path))),
     }
-    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    tensors = get_family(cfg).export_state(model)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -98,7 +73,7 @@ def export(run_dir: Path, out_path: Path, tag: Optional[str] = None) -> Path:
     return out_path
 
 
-def load_export(path: Path) -> Tuple[MoELM, RunConfig, dict]:
+def load_export(path: Path) -> Tuple[torch.nn.Module, RunConfig, dict]:
     """(model, config, tokenizer record) from an export file; no DeepSpeed engine, no unpickling."""
     path = Path(path)
     if not path.is_file():
@@ -112,6 +87,7 @@ def load_export(path: Path) -> Tuple[MoELM, RunConfig, dict]:
     if metadata.get("format") != EXPORT_FORMAT:
         raise ConfigError(f"{path} is not a sparsemixer_ds export (its metadata lacks format {EXPORT_FORMAT})")
     cfg = config_from_dict(json.loads(metadata["config"]), str(path))
-    model = MoELM(cfg.model, cfg.moe)
-    model.load_state_dict(tensors)
+    family = get_family(cfg)
+    model = family.build(cfg)
+    family.load_export_state(model, tensors)
     return model.eval(), cfg, json.loads(metadata["tokenizer"])

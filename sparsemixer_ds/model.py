@@ -3,21 +3,28 @@
 Shape legend: B batch, T sequence, M model dim, H heads, D head dim, V vocabulary.
 Expert parallelism is not visible here: the MoE blocks come from moe.py with an ``ep_size``, and
 DeepSpeed lays the experts out over the expert-parallel group when the engine starts.
+The model owns its training loss: given targets, ``forward`` returns the cross-entropy plus every MoE
+layer's auxiliary losses, each already weighted by its gate (``moe.balance_coef``, ``moe.z_loss_coef``).
 """
 import math
-from typing import NamedTuple
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, MoEConfig
-from .moe import make_moe
+from .moe import RoutingStats, make_moe, moe_gates
+from .routers import get_router
 
 
 class LMOutput(NamedTuple):
     logits: torch.Tensor  # (B, T, V)
-    aux_loss: torch.Tensor  # scalar: the MoE layers' l_aux summed (balance loss, plus z-loss if asked for)
+    # With targets (else None), scalars:
+    loss: Optional[torch.Tensor] = None  # what training minimises: ce + the MoE layers' weighted aux losses
+    ce: Optional[torch.Tensor] = None  # detached: cross-entropy, nats per token
+    balance_loss: Optional[torch.Tensor] = None  # detached: the MoE layers' balance losses summed, unweighted
+    z_loss: Optional[torch.Tensor] = None  # detached: their router z-losses summed, unweighted (0 if off)
 
 
 def feed_forward(model_dim: int, hidden: int) -> nn.Module:
@@ -89,20 +96,19 @@ class MoELM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.positions == "learned" else None
         blocks = []
+        router = get_router(moe.router)
         for i in range(cfg.n_layers):
             if (i + 1) % moe.moe_every == 0:
-                # z-loss travels inside l_aux, which the loss weighs by balance_coef: divide it out so
-                # that the training loss carries exactly z_loss_coef * z.
-                z_in_aux = moe.z_loss_coef / moe.balance_coef if moe.z_loss_coef else 0.0
-                ffn = make_moe(moe.router, cfg.d_model, feed_forward(cfg.d_model, moe.expert_hidden),
+                ffn = make_moe(router, cfg.d_model, feed_forward(cfg.d_model, moe.expert_hidden),
                                num_experts=moe.num_experts, ep_size=moe.ep_size, k=moe.top_k,
                                capacity_factor=moe.capacity_factor, eval_capacity_factor=moe.eval_capacity_factor,
                                min_capacity=moe.min_capacity, drop_tokens=moe.drop_tokens,
-                               jitter_eps=moe.jitter_eps, z_loss_coef=z_in_aux)
+                               jitter_eps=moe.jitter_eps, balance_coef=moe.balance_coef, z_loss_coef=moe.z_loss_coef)
             else:
                 ffn = feed_forward(cfg.d_model, cfg.ffn_hidden)
             blocks.append(Block(cfg, ffn))
         self.blocks = nn.ModuleList(blocks)
+        self.gates = moe_gates(self.blocks)  # a plain list: the modules stay registered once, in their blocks
         self.norm = nn.LayerNorm(cfg.d_model)
         self.apply(self._init_weights)
         head_dim = cfg.d_model // cfg.n_heads
@@ -117,8 +123,8 @@ class MoELM(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, tokens: torch.Tensor) -> LMOutput:
-        """tokens (B, T) int64 -> logits (B, T, V) and the summed MoE aux loss."""
+    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None) -> LMOutput:
+        """tokens (B, T) int64 -> logits (B, T, V); with targets (B, T) int64, also the training loss."""
         B, T = tokens.shape
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than model.seq_len={self.cfg.seq_len}")
@@ -126,13 +132,23 @@ class MoELM(nn.Module):
         if self.pos is not None:
             x = x + self.pos(torch.arange(T, device=tokens.device))
         rotary = None if self.pos is not None else (self.rope_cos, self.rope_sin)
-        aux = x.new_zeros((), dtype=torch.float32)
+        aux = x.new_zeros((), dtype=torch.float32)  # the MoE layers' l_aux, weighted by their gates
         for block in self.blocks:
             x, block_aux = block(x, rotary)
             if block_aux is not None:
                 aux = aux + block_aux.float()
         logits = F.linear(self.norm(x), self.embed.weight)  # tied output embedding
-        return LMOutput(logits, aux)
+        if targets is None:
+            return LMOutput(logits)
+        ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        balance, z = aux.new_zeros(()), aux.new_zeros(())
+        for gate in self.gates:
+            balance, z = balance + gate.terms.balance.float(), z + gate.terms.z.float()
+        return LMOutput(logits, ce + aux, ce.detach(), balance, z)
+
+    def routing_stats(self) -> List[RoutingStats]:
+        """Each MoE layer's routing statistics, in layer order (sparsemixer_ds.moe.RoutingStats)."""
+        return [gate.stats for gate in self.gates]
 
     @torch.no_grad()
     def generate(self, tokens: torch.Tensor, new_tokens: int, temperature: float = 1.0, top_k: int = 0,

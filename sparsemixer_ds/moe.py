@@ -1,4 +1,4 @@
-"""SparseMixer as a DeepSpeed MoE gate and layer: the only module that touches deepspeed.moe.
+"""SparseMixer as a DeepSpeed MoE gate and layer: the only module that touches DeepSpeed's MoE layer and gates.
 
 Shape legend: S tokens, E experts, K routes per token, C capacity (slots per expert), M model dim.
 
@@ -6,6 +6,11 @@ DeepSpeed's engine finds MoE layers by ``isinstance(m, deepspeed.moe.layer.MoE)`
 ``isinstance(m, TopKGate)``, and its MOELayer does the all-to-all dispatch over the expert-parallel
 group. So SparseMixer subclasses both and only replaces the routing decision: everything else
 (expert placement, checkpoints per expert, parameter groups) stays DeepSpeed's.
+
+Every gate here (SparseMixer's, and DeepSpeed's TopKGate as the baselines use it) weights its own
+auxiliary losses (``balance_coef``, ``z_loss_coef``) in the ``l_aux`` it returns, keeps the unweighted
+values of its last call in ``terms`` for logging, and records routing statistics in ``stats`` from the
+logits and routes it computed (Megatron-Core's router does the same).
 """
 import math
 from typing import List, NamedTuple, Optional, Tuple, Union
@@ -15,18 +20,19 @@ import torch.nn.functional as F
 from deepspeed import comm as dist
 from deepspeed.comm import pg_utils
 from deepspeed.moe.layer import MoE
-from deepspeed.moe.sharded_moe import TOPK_GATE_TIMER, TopKGate
-from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from deepspeed.moe.sharded_moe import TOPK_GATE_TIMER, TopKGate, multiplicative_jitter, top1gating, top2gating
 from torch import nn
 
-from .routing import ESTIMATORS, sparsemixer
+from .routers import Router
+from .routing import ESTIMATORS, route
 
-__all__ = ["SparseMixerGate", "SparseMixerMoE", "convert", "Routes", "make_moe", "RouterMonitor", "optimizer_param_groups"]
+__all__ = ["SparseMixerGate", "SparseMixerMoE", "BaselineGate", "convert", "Routes", "MoETerms", "RoutingStats",
+           "make_moe", "moe_gates"]
 
 
 class Routes(NamedTuple):
     """One gate call's routing, in the sparse layout DeepSpeed's MOELayer dispatches."""
-    l_aux: torch.Tensor  # scalar: balance loss (+ z-loss if asked for), without its model coefficient
+    l_aux: torch.Tensor  # scalar: balance_coef * balance loss (+ z_loss_coef * z-loss)
     capacity: torch.Tensor  # int64 scalar: slots per expert, C
     num_experts: int  # E
     indices_KS: torch.Tensor  # int32 [K, S]: expert of each route, -1 where dropped
@@ -35,9 +41,59 @@ class Routes(NamedTuple):
     exp_counts: torch.Tensor  # int64 [E]: routes each expert was chosen for, before capacity
 
 
+class MoETerms(NamedTuple):
+    """A gate call's auxiliary losses before their coefficients (detached, for logging)."""
+    balance: torch.Tensor  # scalar: Switch's load-balance loss
+    z: torch.Tensor  # scalar: ST-MoE's router z-loss (0 where the gate has none)
+
+
+class RoutingStats:
+    """One gate's routing statistics, summed over the calls it makes while ``recording`` is on.
+
+    Per call: each expert's share of the routes before capacity, the share of routes dropped (over
+    capacity, or of unused tokens), and the mean entropy of the router's softmax (nats), from the
+    logits and routes the gate computed for that call. ``take()`` returns the sums as one flat
+    float64 tensor, ready for an all-reduce, and starts over.
+    """
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+        self.recording = False
+        self._sums: Optional[torch.Tensor] = None
+
+    @torch.no_grad()
+    def add(self, logits_SE: torch.Tensor, exp_counts_E: torch.Tensor, dropped: torch.Tensor) -> None:
+        log_probs_SE = torch.log_softmax(logits_SE.float(), dim=1)
+        entropy = -(log_probs_SE.exp() * log_probs_SE).sum(dim=1).mean()
+        load_E = exp_counts_E.double() / exp_counts_E.sum().clamp_min(1)
+        dropped = dropped.double()
+        row = torch.cat([load_E, torch.stack([dropped, entropy.double(), torch.ones_like(dropped)])])
+        self._sums = row if self._sums is None else self._sums + row
+
+    def take(self, device: torch.device) -> torch.Tensor:
+        """[load_0 .. load_{E-1}, dropped, entropy, calls] summed since the last take."""
+        sums = self._sums if self._sums is not None else torch.zeros(self.num_experts + 3, dtype=torch.float64)
+        self._sums = None
+        return sums.to(device)
+
+    @staticmethod
+    def summarize(sums: torch.Tensor) -> dict:
+        """Means from ``take()``'s sums (all-reduced or not): load, max/mean load, dropped, entropy."""
+        calls = float(sums[-1].clamp_min(1))
+        load = (sums[:-3] / calls).tolist()
+        mean_load = 1.0 / len(load)
+        return {"load": load, "max_mean_load": max(load) / mean_load, "dropped": float(sums[-3]) / calls,
+                "entropy": float(sums[-2]) / calls}
+
+
+def _check_coef(name: str, value: float, usual: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= float(value) < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0 ({usual}); got {value!r}")
+
+
 def _check_gate_options(num_experts: int, k: int, capacity_factor: float, eval_capacity_factor: float,
                         min_capacity: int, noisy_gate_policy: Optional[str], top2_2nd_expert_sampling: bool,
-                        jitter_eps: float, estimator: str, z_loss_coef: float) -> None:
+                        jitter_eps: float, estimator: str, balance_coef: float, z_loss_coef: float) -> None:
     """Reject options SparseMixer cannot honour, before any module is built."""
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
         raise ValueError(f"k must be an integer in 1..num_experts={num_experts}; got {k!r}")
@@ -56,19 +112,21 @@ def _check_gate_options(num_experts: int, k: int, capacity_factor: float, eval_c
         raise ValueError(f"jitter_eps must be a finite number >= 0 (the paper uses 0.1); got {jitter_eps!r}")
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}; got {estimator!r}")
-    if not isinstance(z_loss_coef, (int, float)) or not 0 <= float(z_loss_coef) < math.inf:
-        raise ValueError(f"z_loss_coef must be a finite number >= 0 (ST-MoE uses 1e-3); got {z_loss_coef!r}")
+    _check_coef("balance_coef", balance_coef, "1 returns the balance loss as it is; Switch trains with 0.01")
+    _check_coef("z_loss_coef", z_loss_coef, "ST-MoE uses 1e-3")
 
 
 class SparseMixerGate(TopKGate):
-    """A DeepSpeed gate whose routes and weights come from ``sparsemixer``.
+    """A DeepSpeed gate whose routes and weights come from SparseMixer (sparsemixer_ds.routing).
 
-    Takes TopKGate's constructor arguments plus ``jitter_eps``, ``estimator`` and ``z_loss_coef``.
-    ``noisy_gate_policy`` must stay None (SparseMixer samples its routes) and
+    Takes TopKGate's constructor arguments plus ``jitter_eps``, ``estimator``, ``balance_coef`` and
+    ``z_loss_coef``. ``noisy_gate_policy`` must stay None (SparseMixer samples its routes) and
     ``top2_2nd_expert_sampling`` True. Capacity follows DeepSpeed: C = max(ceil(S / E * factor * k),
     min_capacity) slots per expert, or with ``drop_tokens=False`` the largest expert load over the
     expert-parallel group. Earlier rounds claim slots first; within a round, tokens claim them in
-    order, or in a random order with ``use_rts`` (random token selection).
+    order, or in a random order with ``use_rts`` (random token selection). The returned ``l_aux`` is
+    ``balance_coef * balance + z_loss_coef * z``: with the default ``balance_coef=1`` the balance loss
+    as DeepSpeed's gates return it, for a caller that weights it itself.
     """
 
     def __init__(self,
@@ -86,29 +144,30 @@ class SparseMixerGate(TopKGate):
                  *,
                  jitter_eps: float = 0.1,
                  estimator: str = "midpoint",
+                 balance_coef: float = 1.0,
                  z_loss_coef: float = 0.0) -> None:
         _check_gate_options(num_experts, k, capacity_factor, eval_capacity_factor, min_capacity, noisy_gate_policy,
-                            top2_2nd_expert_sampling, jitter_eps, estimator, z_loss_coef)
+                            top2_2nd_expert_sampling, jitter_eps, estimator, balance_coef, z_loss_coef)
         super().__init__(model_dim, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity, None,
                          drop_tokens, use_rts, ep_group, True)
         self.num_experts = num_experts
         self.jitter_eps = float(jitter_eps)
         self.estimator = estimator
+        self.rule = ESTIMATORS[estimator]  # looked up once: forward calls the unchecked routing function
+        self.balance_coef = float(balance_coef)
         self.z_loss_coef = float(z_loss_coef)
+        self.stats = RoutingStats(num_experts)
+        self.terms: Optional[MoETerms] = None
 
     @classmethod
     def from_topk_gate(cls, gate: TopKGate, **sparsemixer_kwargs) -> "SparseMixerGate":
         """A SparseMixer gate that keeps ``gate``'s router weights, capacity settings and EP group."""
-        new = cls(gate.wg.in_features, gate.wg.out_features, gate.k, gate.capacity_factor, gate.eval_capacity_factor,
-                  gate.min_capacity, None, gate.drop_tokens, gate.use_rts, gate.ep_group, True, **sparsemixer_kwargs)
-        new.wg = gate.wg  # the same Parameter object: trained weights and device/dtype are kept
-        new.wall_clock_breakdown = gate.wall_clock_breakdown
-        return new
+        return _rebuild(cls, gate, None, True, **sparsemixer_kwargs)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, k={self.k}, estimator={self.estimator!r}, "
                 f"jitter_eps={self.jitter_eps}, capacity_factor={self.capacity_factor}, "
-                f"drop_tokens={self.drop_tokens}, z_loss_coef={self.z_loss_coef}")
+                f"drop_tokens={self.drop_tokens}, balance_coef={self.balance_coef}, z_loss_coef={self.z_loss_coef}")
 
     def forward(self,
                 input: torch.Tensor,
@@ -125,8 +184,10 @@ class SparseMixerGate(TopKGate):
         if self.wall_clock_breakdown:
             self.timers(TOPK_GATE_TIMER).start()
         logits_SE = F.linear(input.float(), self.wg.weight.float())
-        experts_SK, weights_SK = sparsemixer(logits_SE, self.k, self.jitter_eps, self.training, self.estimator)
+        experts_SK, weights_SK = route(logits_SE, self.k, self.jitter_eps, self.training, self.rule)
         routes = self._dispatch_routes(logits_SE, experts_SK, weights_SK, used_token)
+        if self.stats.recording:
+            self.stats.add(logits_SE, routes.exp_counts, (routes.indices_KS < 0).double().mean())
         if self.wall_clock_breakdown:
             self.timers(TOPK_GATE_TIMER).stop()
             self.gate_time = self.timers(TOPK_GATE_TIMER).elapsed(reset=False)
@@ -174,9 +235,13 @@ class SparseMixerGate(TopKGate):
         # Switch Transformer eq. 4: E * sum_e (mean router probability) * (fraction of routes).
         probs_SE = torch.softmax(logits_SE, dim=1)
         route_fraction_E = exp_counts.float() / (num_tokens * self.k)
-        l_aux = num_experts * torch.sum(probs_SE.mean(dim=0) * route_fraction_E)
+        balance = num_experts * torch.sum(probs_SE.mean(dim=0) * route_fraction_E)
+        l_aux = self.balance_coef * balance
+        z_loss = torch.zeros((), device=device)
         if self.z_loss_coef > 0:  # ST-MoE eq. 5: keeps router logits small for bf16 stability
-            l_aux = l_aux + self.z_loss_coef * torch.logsumexp(logits_SE, dim=1).square().mean()
+            z_loss = torch.logsumexp(logits_SE, dim=1).square().mean()
+            l_aux = l_aux + self.z_loss_coef * z_loss
+        self.terms = MoETerms(balance.detach(), z_loss.detach())
 
         return Routes(l_aux=l_aux,
                       capacity=capacity,
@@ -203,10 +268,81 @@ def _dense_routes(routes: Routes) -> Tuple[torch.Tensor, torch.Tensor, torch.Ten
     return routes.l_aux, combine_SX.reshape(sec_shape), dispatch_SX.reshape(sec_shape), routes.exp_counts
 
 
+class BaselineGate(TopKGate):
+    """DeepSpeed's TopKGate as the switch (k = 1) and gshard (k = 2) routers use it: DeepSpeed's own
+    routing functions, called as TopKGate calls them, with the balance loss weighted by
+    ``balance_coef`` in the returned ``l_aux`` and routing statistics recorded from the logits it
+    computed (after the input jitter, where the gate has it)."""
+
+    def __init__(self, *topk_gate_args, balance_coef: float = 1.0, **topk_gate_kwargs) -> None:
+        super().__init__(*topk_gate_args, **topk_gate_kwargs)
+        if self.k not in (1, 2):
+            raise ValueError(f"k must be 1 or 2 for DeepSpeed's TopKGate baselines; got {self.k!r}")
+        _check_coef("balance_coef", balance_coef, "Switch trains with 0.01")
+        self.balance_coef = float(balance_coef)
+        self.stats = RoutingStats(self.wg.out_features)
+        self.terms: Optional[MoETerms] = None
+
+    @classmethod
+    def from_topk_gate(cls, gate: TopKGate, balance_coef: float = 1.0) -> "BaselineGate":
+        """``gate`` with its router weights, capacity settings, jitter and EP group."""
+        return _rebuild(cls, gate, gate.noisy_gate_policy, gate.top2_2nd_expert_sampling, balance_coef=balance_coef)
+
+    def forward(self,
+                input: torch.Tensor,
+                used_token: Optional[torch.Tensor] = None,
+                sparse_routes: bool = False,
+                use_tutel: bool = False) -> tuple:
+        """Route ``input`` [S, M]; returns what TopKGate returns, its ``l_aux`` weighted."""
+        if self.wall_clock_breakdown:
+            self.timers(TOPK_GATE_TIMER).start()
+        input_fp32 = input.float()
+        if self.noisy_gate_policy == "Jitter" and self.training:
+            input_fp32 = multiplicative_jitter(input_fp32, device=input.device)
+        logits_SE = F.linear(input_fp32, self.wg.weight.float())
+        # top2gating adds its sampling noise to the logits in place: statistics read them before.
+        stats_logits_SE = logits_SE.detach().clone() if self.stats.recording else None
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if self.k == 1:
+            routes = top1gating(logits_SE, factor, self.min_capacity, used_token,
+                                self.noisy_gate_policy if self.training else None, self.drop_tokens, self.use_rts,
+                                self.ep_group, sparse_routes, use_tutel)
+        else:
+            routes = top2gating(logits_SE, factor, self.min_capacity, self.drop_tokens, self.ep_group,
+                                self.top2_2nd_expert_sampling, sparse_routes)
+        balance, exp_counts = routes[0], routes[-1]
+        self.terms = MoETerms(balance.detach(), torch.zeros((), device=balance.device))
+        if self.stats.recording:
+            if sparse_routes:
+                dropped = (routes[3] < 0).double().mean()
+            else:  # dense: the dispatch mask [S, E, C] holds one True per kept route
+                dropped = 1.0 - routes[2].sum().double() / (logits_SE.shape[0] * self.k)
+            self.stats.add(stats_logits_SE, exp_counts, dropped)
+        if self.wall_clock_breakdown:
+            self.timers(TOPK_GATE_TIMER).stop()
+            self.gate_time = self.timers(TOPK_GATE_TIMER).elapsed(reset=False)
+        return (self.balance_coef * balance, *routes[1:])
+
+
+def _rebuild(cls, gate: TopKGate, noisy_gate_policy: Optional[str], top2_2nd_expert_sampling: bool, **kwargs):
+    """A gate of class ``cls`` with ``gate``'s router weight (the same Parameter: trained values,
+    device and dtype are kept), capacity settings and EP group."""
+    # The new gate's own router weight is replaced at once, so it is drawn outside the global RNG
+    # stream: building it leaves every later random draw (other layers' weights, routing) as it was.
+    with torch.random.fork_rng(devices=[]):
+        new = cls(gate.wg.in_features, gate.wg.out_features, gate.k, gate.capacity_factor, gate.eval_capacity_factor,
+                  gate.min_capacity, noisy_gate_policy, gate.drop_tokens, gate.use_rts, gate.ep_group,
+                  top2_2nd_expert_sampling, **kwargs)
+    new.wg = gate.wg
+    new.wall_clock_breakdown = gate.wall_clock_breakdown
+    return new
+
+
 class SparseMixerMoE(MoE):
     """DeepSpeed's MoE layer with a SparseMixerGate; returns ``(output, l_aux, exp_counts)``.
 
-    Takes MoE's constructor arguments plus ``jitter_eps``, ``estimator`` and ``z_loss_coef``. With
+    Takes MoE's constructor arguments plus the gate's ``jitter_eps``, ``estimator``, ``balance_coef``
+    and ``z_loss_coef``. With
     the midpoint estimator (and its midpoint-all ablation) it owns SparseMixer's per-channel output scale ``omega`` [M]
     (initialised to ones, trained, a non-expert parameter), applied to the experts' combined output.
     """
@@ -230,6 +366,7 @@ class SparseMixerMoE(MoE):
                  *,
                  jitter_eps: float = 0.1,
                  estimator: str = "midpoint",
+                 balance_coef: float = 1.0,
                  z_loss_coef: float = 0.0) -> None:
         if not isinstance(ep_size, int) or ep_size < 1 or num_experts % ep_size:
             raise ValueError(f"num_experts={num_experts} must be divisible by ep_size={ep_size}: each rank of an "
@@ -237,7 +374,8 @@ class SparseMixerMoE(MoE):
         # The gate checks every routing option before DeepSpeed builds (and copies) the experts.
         gate = SparseMixerGate(hidden_size, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity,
                                noisy_gate_policy, drop_tokens, use_rts, None, top2_2nd_expert_sampling,
-                               jitter_eps=jitter_eps, estimator=estimator, z_loss_coef=z_loss_coef)
+                               jitter_eps=jitter_eps, estimator=estimator, balance_coef=balance_coef,
+                               z_loss_coef=z_loss_coef)
         super().__init__(hidden_size, expert, num_experts, ep_size, k, capacity_factor, eval_capacity_factor,
                          min_capacity, use_residual, None, drop_tokens, use_rts, use_tutel,
                          enable_expert_tensor_parallelism, True)
@@ -277,12 +415,13 @@ def convert(model: nn.Module, **sparsemixer_kwargs) -> int:
 
     Call it before ``deepspeed.initialize``. Router weights, capacity settings, experts and
     residual-MoE parts are kept (the same parameter objects); ``sparsemixer_kwargs`` are
-    ``jitter_eps``, ``estimator`` and ``z_loss_coef``. A layer's ``noisy_gate_policy`` is dropped:
+    ``jitter_eps``, ``estimator``, ``balance_coef`` and ``z_loss_coef``. A layer's ``noisy_gate_policy`` is dropped:
     SparseMixer's sampling replaces input jitter. Returns how many layers were converted.
     """
-    unknown = set(sparsemixer_kwargs) - {"jitter_eps", "estimator", "z_loss_coef"}
+    options = ("jitter_eps", "estimator", "balance_coef", "z_loss_coef")
+    unknown = set(sparsemixer_kwargs) - set(options)
     if unknown:
-        raise TypeError(f"convert() got unknown options {sorted(unknown)}; it takes jitter_eps, estimator, z_loss_coef")
+        raise TypeError(f"convert() got unknown options {sorted(unknown)}; it takes {', '.join(options)}")
     layers = [m for m in model.modules() if isinstance(m, MoE)]
     if not layers:
         raise ValueError(f"convert() found no deepspeed.moe.layer.MoE layer in {type(model).__name__}; build the "
@@ -297,12 +436,7 @@ def convert(model: nn.Module, **sparsemixer_kwargs) -> int:
     return len(targets)
 
 
-# SparseMixer routers by name -> their estimator (sparsemixer_ds.routing.ESTIMATORS).
-ROUTER_ESTIMATORS = {"sparsemixer": "midpoint", "sparsemixer-v2": "heun3", "sampled": "sampled", "euler": "euler",
-                     "midpoint-all": "midpoint-all"}
-
-
-def make_moe(router: str,
+def make_moe(router: Router,
              hidden_size: int,
              expert: nn.Module,
              *,
@@ -314,88 +448,27 @@ def make_moe(router: str,
              min_capacity: int = 4,
              drop_tokens: bool = True,
              jitter_eps: float = 0.1,
+             balance_coef: float = 1.0,
              z_loss_coef: float = 0.0) -> MoE:
-    """An MoE layer for a router name, so that comparing routers is one config change.
-
-    ``sparsemixer`` (midpoint) and ``sparsemixer-v2`` (heun3) are SparseMixerMoE, as are the
-    estimator ablations named after their estimator; ``switch`` is DeepSpeed's TopKGate with k=1
-    and input jitter, ``gshard`` its TopKGate with k=2.
-    """
+    """An MoE layer for a registered router (sparsemixer_ds.routers), so that comparing routers is one
+    config change: a SparseMixerMoE with the router's estimator, or DeepSpeed's MoE with a BaselineGate
+    (TopKGate with k = 1 and input jitter for switch, k = 2 for gshard). The gate weights its own
+    auxiliary losses with ``balance_coef`` and ``z_loss_coef`` (SparseMixer routers only)."""
     common = dict(num_experts=num_experts, ep_size=ep_size, k=k, capacity_factor=capacity_factor,
                   eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity, drop_tokens=drop_tokens)
-    if router in ROUTER_ESTIMATORS:
-        return SparseMixerMoE(hidden_size, expert, jitter_eps=jitter_eps, estimator=ROUTER_ESTIMATORS[router],
-                              z_loss_coef=z_loss_coef, **common)
-    if router in ("switch", "gshard"):
-        if not num_experts % ep_size == 0:
-            raise ValueError(f"num_experts={num_experts} must be divisible by ep_size={ep_size}")
-        return MoE(hidden_size, expert, noisy_gate_policy="Jitter" if router == "switch" else None, **common)
-    raise ValueError(f"router must be one of {', '.join([*ROUTER_ESTIMATORS, 'switch', 'gshard'])}; got {router!r}")
+    if not router.baseline:
+        return SparseMixerMoE(hidden_size, expert, jitter_eps=jitter_eps, estimator=router.estimator,
+                              balance_coef=balance_coef, z_loss_coef=z_loss_coef, **common)
+    if z_loss_coef:
+        raise ValueError(f"z_loss_coef={z_loss_coef} needs a SparseMixer router; DeepSpeed's TopKGate "
+                         f"({router.name}) has no z-loss")
+    if not num_experts % ep_size == 0:
+        raise ValueError(f"num_experts={num_experts} must be divisible by ep_size={ep_size}")
+    layer = MoE(hidden_size, expert, noisy_gate_policy="Jitter" if router.input_jitter else None, **common)
+    layer.deepspeed_moe.gate = BaselineGate.from_topk_gate(layer.deepspeed_moe.gate, balance_coef)
+    return layer
 
 
-class RouterMonitor:
-    """Routing statistics of every gate in a model, for metrics; one forward hook per gate.
-
-    While ``active``, each gate call adds, per MoE layer: the load fraction of every expert (routes
-    before capacity over all routes), the dropped-route fraction, and the mean entropy of the
-    router's softmax (nats). ``collect()`` returns the sums and call counts as one flat float64
-    tensor per layer, ready for an all-reduce, and starts over.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.gates = [m for m in model.modules() if isinstance(m, TopKGate)]
-        self.active = False
-        self._sums = [None] * len(self.gates)
-        self._handles = [gate.register_forward_hook(self._hook(i)) for i, gate in enumerate(self.gates)]
-
-    def _hook(self, index: int):
-
-        def record(gate: TopKGate, args: tuple, output: tuple) -> None:
-            if not self.active:
-                return
-            with torch.no_grad():
-                logits_SE = F.linear(args[0].float(), gate.wg.weight.float())
-                log_probs_SE = torch.log_softmax(logits_SE, dim=1)
-                entropy = -(log_probs_SE.exp() * log_probs_SE).sum(dim=1).mean()
-                indices_KS, exp_counts = output[3], output[6]  # the sparse-routes contract
-                load_E = exp_counts.double() / exp_counts.sum().clamp_min(1)
-                dropped = (indices_KS < 0).double().mean()
-                row = torch.cat([load_E, torch.stack([dropped, entropy.double(), torch.ones_like(dropped)])])
-                self._sums[index] = row if self._sums[index] is None else self._sums[index] + row
-
-        return record
-
-    def collect(self) -> List[torch.Tensor]:
-        """Per layer: [load_0 .. load_{E-1}, dropped, entropy, calls] summed since the last collect."""
-        out = []
-        for gate, sums in zip(self.gates, self._sums):
-            if sums is None:
-                sums = torch.zeros(gate.wg.out_features + 3, dtype=torch.float64, device=gate.wg.weight.device)
-            out.append(sums)
-        self._sums = [None] * len(self.gates)
-        return out
-
-    @staticmethod
-    def summarize(sums: torch.Tensor) -> dict:
-        """Means from ``collect()``'s sums (all-reduced or not): load, max/mean load, dropped, entropy."""
-        calls = float(sums[-1].clamp_min(1))
-        load = (sums[:-3] / calls).tolist()
-        mean_load = 1.0 / len(load)
-        return {"load": load, "max_mean_load": max(load) / mean_load, "dropped": float(sums[-3]) / calls,
-                "entropy": float(sums[-2]) / calls}
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
-def optimizer_param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
-    """AdamW groups: decay on matrices only (not norms, biases or omega), and expert parameters in
-    groups of their own, which DeepSpeed's MoE needs to reduce them over the expert-data-parallel group."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-    return [g for g in split_params_into_different_moe_groups_for_optimizer(groups) if g["params"]]
+def moe_gates(model: nn.Module) -> List[Union[SparseMixerGate, BaselineGate]]:
+    """The gates of ``model``'s MoE layers that keep terms and statistics, in module order."""
+    return [m for m in model.modules() if isinstance(m, (SparseMixerGate, BaselineGate))]

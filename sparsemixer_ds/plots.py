@@ -1,5 +1,4 @@
 """The end-of-run picture: loss curves and the per-layer expert-load heat map, from metrics.jsonl."""
-import json
 from pathlib import Path
 
 import matplotlib
@@ -8,9 +7,7 @@ matplotlib.use("Agg")  # files only: no display on training nodes
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-
-def read_metrics(path: Path) -> list:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+from .metrics import read_metrics  # noqa: E402
 
 
 def plot_run(metrics_path: Path, out_path: Path) -> Path:

@@ -34,7 +34,7 @@ from typing import NamedTuple, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["sparsemixer", "EstimatorRule", "ESTIMATORS"]
+__all__ = ["sparsemixer", "route", "EstimatorRule", "ESTIMATORS"]
 
 
 class EstimatorRule(NamedTuple):
@@ -92,8 +92,15 @@ def sparsemixer(logits: torch.Tensor,
             gradient to the logits is s * g * p_D * (onehot(D) - p), whatever c was.
     """
     _check_args(logits, top_k, jitter_eps, estimator)
+    return route(logits, top_k, float(jitter_eps), training, ESTIMATORS[estimator])
+
+
+def route(logits: torch.Tensor, top_k: int, jitter_eps: float, training: bool,
+          rule: EstimatorRule) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``sparsemixer`` without its argument checks, for callers that checked their options once
+    (SparseMixerGate, in its constructor) and call this on every forward."""
     # Router maths in float32: an out-of-place copy unless already fp32, so the input is never touched.
-    return _Rounds.apply(logits.float(), top_k, float(jitter_eps), training, ESTIMATORS[estimator])
+    return _Rounds.apply(logits.float(), top_k, jitter_eps, training, rule)
 
 
 class _Rounds(torch.autograd.Function):

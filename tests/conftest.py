@@ -1,6 +1,5 @@
 """Shared test set-up: DeepSpeed on the CPU (gloo) unless a GPU is really there, and a launcher helper."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,14 +10,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from sparsemixer_ds.testing import TINY as TINY_MODEL  # noqa: E402
+from sparsemixer_ds.testing import free_port, run_metrics  # noqa: E402,F401  (re-exported for the tests)
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch_env() -> dict:
@@ -49,11 +45,9 @@ def deepspeed_run(tmp_path):
     return run
 
 
-# A tiny model for launched runs: 2 MoE layers of 4 experts over 2 ranks (ep_size 2), seconds per run.
-TINY = ["model.d_model=32", "model.n_heads=2", "model.n_layers=2", "model.seq_len=32", "model.ffn_hidden=64",
-        "moe.num_experts=4", "moe.expert_hidden=32", "moe.moe_every=1", "moe.ep_size=2", "train.micro_batch=4",
-        "train.warmup_steps=2", "train.lr=0.01", "eval.batches=2", "eval.batch_size=4", "logging.interval=1",
-        "logging.progress=false"]
+# The tiny model for launched runs: 2 MoE layers of 4 experts over 2 ranks (ep_size 2), seconds per run.
+TINY = TINY_MODEL + ["moe.moe_every=1", "moe.ep_size=2", "train.warmup_steps=2", "train.lr=0.01", "eval.batches=2",
+                     "logging.interval=1", "logging.progress=false"]
 
 
 def set_args(*overrides: str) -> list:
@@ -86,8 +80,3 @@ def corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "stdlib-slice"
     prepare([str(p) for p in default_corpus()[:60]], out, tokenizer="bytes", val_fraction=0.1, progress=False)
     return out
-
-
-def read_metrics(run_dir: Path) -> list:
-    import json
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -4,16 +4,16 @@ from deepspeed.moe.layer import MoE
 from torch import nn
 
 from sparsemixer_ds import SparseMixerMoE
+from sparsemixer_ds.model import feed_forward
 
-
-def expert_mlp(model_dim: int, hidden: int = 32) -> nn.Module:
-    return nn.Sequential(nn.Linear(model_dim, hidden), nn.GELU(), nn.Linear(hidden, model_dim))
+EXPERT_HIDDEN = 32  # the experts of these models: feed_forward(model_dim, EXPERT_HIDDEN)
 
 
 def sparsemixer_layer(model_dim: int = 16, num_experts: int = 4, ep_size: int = 1, seed: int = 0,
                       **kwargs) -> SparseMixerMoE:
     """A single-process SparseMixerMoE with the reference weights of ``seed``."""
-    layer = SparseMixerMoE(model_dim, expert_mlp(model_dim), num_experts=num_experts, ep_size=ep_size, **kwargs)
+    layer = SparseMixerMoE(model_dim, feed_forward(model_dim, EXPERT_HIDDEN), num_experts=num_experts, ep_size=ep_size,
+                           **kwargs)
     load_reference_weights(layer, seed)
     return layer
 
@@ -23,7 +23,7 @@ def load_reference_weights(layer: SparseMixerMoE, seed: int) -> None:
     keeps the block its expert-parallel group gives it (call after the group exists)."""
     model_dim, num_experts = layer.gate.wg.in_features, layer.num_experts
     torch.manual_seed(seed)
-    full = [expert_mlp(model_dim) for _ in range(num_experts)]
+    full = [feed_forward(model_dim, EXPERT_HIDDEN) for _ in range(num_experts)]
     router = torch.randn(num_experts, model_dim) * 0.5
     offset = local_expert_offset(layer)
     with torch.no_grad():
@@ -65,7 +65,7 @@ class TinyMoEModel(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, model_dim)
         self.blocks = nn.ModuleList([
-            MoE(model_dim, expert_mlp(model_dim), num_experts=num_experts, ep_size=ep_size, k=k,
+            MoE(model_dim, feed_forward(model_dim, EXPERT_HIDDEN), num_experts=num_experts, ep_size=ep_size, k=k,
                 capacity_factor=2.0, min_capacity=4, noisy_gate_policy="Jitter" if k == 1 else None,
                 use_residual=use_residual_last and k == 2) for k in (1, 2)
         ])

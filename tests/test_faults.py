@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, free_port, launch_env, read_metrics, set_args
+from conftest import REPO, free_port, launch_env, run_metrics, set_args
 
 
 def poisoned_run(tmp_path, corpus, poison_steps, mode, zero, bf16, *overrides, resume=False):
@@ -61,7 +61,7 @@ def test_non_finite_steps_are_skipped_on_every_rank_and_counted(tmp_path, corpus
                         "eval.interval=7")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = tmp_path / "run"
-    train = [m for m in read_metrics(run_dir) if "loss" in m]
+    train = [m for m in run_metrics(run_dir) if "loss" in m]
     assert [m["skipped_steps"] for m in train] == [0, 0, 1, 2, 2, 2, 2]
     losses = [m["loss"] for m in train]
     if mode == "loss":
@@ -73,7 +73,7 @@ def test_non_finite_steps_are_skipped_on_every_rank_and_counted(tmp_path, corpus
     assert same_state(tags[2], tags[3]) and same_state(tags[2], tags[4]), \
         "skipped steps change no weight, master copy or optimizer moment"
     assert not same_state(tags[4], tags[5]), "the next good step trains again"
-    final = [m for m in read_metrics(run_dir) if "val_loss" in m][-1]
+    final = [m for m in run_metrics(run_dir) if "val_loss" in m][-1]
     assert final["step"] == 7 and final["val_loss"] < 6.0
 
 
@@ -85,7 +85,7 @@ def test_a_run_that_keeps_failing_stops_with_the_last_good_state(tmp_path, corpu
         in proc.stderr
     run_dir = tmp_path / "run"
     assert "the last good state is saved as " + str(run_dir / "checkpoints" / "step_00000005") in proc.stderr
-    assert read_metrics(run_dir)[-1] == {"step": 5, "skipped_steps": 3, "stopped": "non-finite"}
+    assert run_metrics(run_dir)[-1] == {"step": 5, "skipped_steps": 3, "stopped": "non-finite"}
     ckpts = run_dir / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("step_*") if (p / "COMPLETE").is_file()) == \
         ["step_00000002", "step_00000004", "step_00000005"]
@@ -93,7 +93,7 @@ def test_a_run_that_keeps_failing_stops_with_the_last_good_state(tmp_path, corpu
     # With the fault gone, --resume continues after the skipped steps.
     proc = poisoned_run(tmp_path, corpus, [], "loss", 1, True, *args, resume=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    after = read_metrics(run_dir)
+    after = run_metrics(run_dir)
     assert [m for m in after if m.get("resumed")][0]["step"] == 5
     train = [m for m in after if "loss" in m and m["step"] > 5]
     assert [m["step"] for m in train] == list(range(6, 13)) and train[-1]["skipped_steps"] == 3

@@ -1,4 +1,5 @@
-"""SparseMixerGate against the contracts DeepSpeed's MOELayer consumes, and convert()."""
+"""SparseMixerGate against the contracts DeepSpeed's MOELayer consumes, the baselines' gate against
+DeepSpeed's TopKGate, and convert()."""
 import math
 
 import pytest
@@ -9,6 +10,7 @@ from deepspeed.moe.sharded_moe import TopKGate
 from models import TinyMoEModel, sparsemixer_layer
 
 from sparsemixer_ds import SparseMixerGate, SparseMixerMoE, convert, sparsemixer
+from sparsemixer_ds.moe import BaselineGate
 
 
 def make_gate(model_dim=8, num_experts=4, seed=0, **kwargs):
@@ -155,6 +157,38 @@ def test_balance_loss_and_z_loss_follow_their_formulas(k):
     balance = 4 * (probs.mean(0) * fraction).sum()
     z_loss = (torch.logsumexp(logits, dim=1)**2).mean()
     assert routes.l_aux.item() == pytest.approx((balance + 0.01 * z_loss).item(), rel=1e-5)
+    assert gate.terms.balance.item() == pytest.approx(balance.item(), rel=1e-5)
+    assert gate.terms.z.item() == pytest.approx(z_loss.item(), rel=1e-5)
+    weighted = make_gate(k=k, z_loss_coef=0.01, balance_coef=0.1)
+    assert route(weighted, x).l_aux.item() == pytest.approx((0.1 * balance + 0.01 * z_loss).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("k, jitter", [(1, "Jitter"), (2, None)])
+@pytest.mark.parametrize("training, sparse", [(True, True), (False, True), (True, False)])
+def test_the_baseline_gate_routes_exactly_as_deepspeeds_topkgate(k, jitter, training, sparse):
+    torch.manual_seed(0)
+    stock = TopKGate(8, 4, k=k, capacity_factor=1.0, min_capacity=2, noisy_gate_policy=jitter).train(training)
+    baseline = BaselineGate.from_topk_gate(stock, balance_coef=0.01).train(training)
+    assert baseline.wg is stock.wg and baseline.noisy_gate_policy == jitter
+    x = torch.randn(40, 8)
+    torch.manual_seed(5)  # input jitter and the 2nd expert's sampling draw from the global RNG
+    want = stock(x, None, sparse)
+    torch.manual_seed(5)
+    got = baseline(x, None, sparse)
+    assert len(got) == len(want)
+    assert got[0].item() == pytest.approx(0.01 * want[0].item(), rel=1e-6), "l_aux carries balance_coef"
+    assert baseline.terms.balance.item() == want[0].item() and baseline.terms.z.item() == 0.0
+    for g, w in zip(got[1:], want[1:]):
+        assert g == w if isinstance(w, int) else torch.equal(g, w)
+
+
+def test_building_a_baseline_gate_draws_no_random_numbers():
+    stock = TopKGate(8, 4, k=1)
+    torch.manual_seed(9)
+    BaselineGate.from_topk_gate(stock)
+    after = torch.rand(3)
+    torch.manual_seed(9)
+    assert torch.equal(after, torch.rand(3))
 
 
 def routes_experts(gate, x):

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port, launch_env, rank_pids, read_metrics, set_args
+from conftest import REPO, free_port, launch_env, rank_pids, run_metrics, set_args
 
 SHORT = ["train.steps=4", "eval.interval=2", "checkpoint.interval=4", "logging.plot=false"]
 
@@ -33,7 +33,7 @@ def assert_trained(run_dir, proc, steps=4):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     assert "[rank 0/2]" in log and "[rank 1/2]" in log, "both ranks report"
-    losses = [m for m in read_metrics(run_dir) if "loss" in m]
+    losses = [m for m in run_metrics(run_dir) if "loss" in m]
     assert [m["step"] for m in losses] == list(range(1, steps + 1))
     assert "final validation loss" in log
 
@@ -129,7 +129,7 @@ def test_per_node_launch_forms_one_world(tmp_path, corpus):
     outs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert "[rank 0/2]" in outs[0] and "[rank 1/2]" in outs[1], "one world of two, one rank per node"
-    assert [m["step"] for m in read_metrics(tmp_path / "run") if "loss" in m] == [1, 2, 3, 4]
+    assert [m["step"] for m in run_metrics(tmp_path / "run") if "loss" in m] == [1, 2, 3, 4]
 
 
 def test_a_node_that_never_comes_fails_after_the_collective_timeout(tmp_path, corpus):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port, launch_env, read_metrics, set_args
+from conftest import REPO, free_port, launch_env, run_metrics, set_args
 
 SCRIPT = REPO / "launch" / "slurm.sbatch"
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -231,7 +231,7 @@ def test_two_ranks_train_under_sbatch(slurm, tmp_path, corpus):
     assert "[rank 0/2]" in text and "[rank 1/2]" in text, text[-4000:]
     assert "local rank 1" in text, "SLURM_LOCALID reaches the rank as LOCAL_RANK"
     assert "final validation loss" in text, text[-4000:]
-    metrics = read_metrics(run_dir)
+    metrics = run_metrics(run_dir)
     assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 7))
     assert [m["step"] for m in metrics if "val_loss" in m] == [3, 6]
 

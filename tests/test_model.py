@@ -3,15 +3,17 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
-from deepspeed.moe.sharded_moe import TopKGate
-from torch import nn
 
 from sparsemixer_ds import SparseMixerGate, SparseMixerMoE
 from sparsemixer_ds.config import load_config
+from sparsemixer_ds.families import FAMILIES, get_family
 from sparsemixer_ds.model import MoELM
-from sparsemixer_ds.moe import RouterMonitor
-from sparsemixer_ds.train import step_seed, warmup_cosine
+from sparsemixer_ds.moe import BaselineGate, RoutingStats
+from sparsemixer_ds.optim import warmup_cosine
+from sparsemixer_ds.routers import ROUTERS
+from sparsemixer_ds.train import step_seed
 
 SMALL = ["model.vocab_size=50", "model.d_model=32", "model.n_heads=2", "model.n_layers=4", "model.seq_len=16",
          "model.ffn_hidden=64", "moe.num_experts=4", "moe.expert_hidden=32"]
@@ -23,15 +25,22 @@ def small_model(*overrides):
     return MoELM(cfg.model, cfg.moe), cfg
 
 
-@pytest.mark.parametrize("router, k, gate_type, estimator", [
+ROUTER_CASES = [  # router, k, the gate it must build, the estimator that gate must run
     ("sparsemixer", 1, SparseMixerGate, "midpoint"),
     ("sparsemixer-v2", 2, SparseMixerGate, "heun3"),
-    ("switch", 1, TopKGate, None),
-    ("gshard", 2, TopKGate, None),
+    ("switch", 1, BaselineGate, None),
+    ("gshard", 2, BaselineGate, None),
     ("sampled", 1, SparseMixerGate, "sampled"),
     ("euler", 2, SparseMixerGate, "euler"),
     ("midpoint-all", 1, SparseMixerGate, "midpoint-all"),
-])
+]
+
+
+def test_every_registered_router_is_covered():
+    assert {case[0] for case in ROUTER_CASES} == set(ROUTERS)
+
+
+@pytest.mark.parametrize("router, k, gate_type, estimator", ROUTER_CASES)
 def test_router_choice_builds_the_right_moe_blocks(router, k, gate_type, estimator):
     model, _ = small_model(f"moe.router={router}", f"moe.top_k={k}")
     kinds = [isinstance(block.ffn, MoE) for block in model.blocks]
@@ -42,9 +51,11 @@ def test_router_choice_builds_the_right_moe_blocks(router, k, gate_type, estimat
         assert getattr(gate, "estimator", None) == estimator
         # omega belongs to the midpoint estimators, whose forward pass runs some experts at half scale
         assert (getattr(block.ffn, "omega", None) is not None) == (estimator or "").startswith("midpoint")
-    out = model(torch.randint(0, 50, (2, 16)))
-    assert out.logits.shape == (2, 16, 50) and out.aux_loss.shape == () and out.aux_loss.requires_grad
-    assert model.embed.weight.data_ptr() == model.embed.weight.data_ptr()
+    tokens = torch.randint(0, 50, (2, 16))
+    assert model(tokens).logits.shape == (2, 16, 50) and model(tokens).loss is None
+    out = model(tokens, tokens)
+    assert out.loss.shape == () and out.loss.requires_grad and not out.ce.requires_grad
+    assert len(model.routing_stats()) == 2
 
 
 def test_switch_router_uses_input_jitter_and_sparsemixer_keeps_omega():
@@ -54,10 +65,35 @@ def test_switch_router_uses_input_jitter_and_sparsemixer_keeps_omega():
     assert isinstance(mixer.blocks[1].ffn, SparseMixerMoE) and mixer.blocks[1].ffn.omega is not None
 
 
-def test_z_loss_weight_in_the_training_loss_is_z_loss_coef():
-    model, cfg = small_model("moe.z_loss_coef=0.002", "moe.balance_coef=0.01")
-    gate = model.blocks[1].ffn.deepspeed_moe.gate
-    assert cfg.moe.balance_coef * gate.z_loss_coef == pytest.approx(0.002)
+@pytest.mark.parametrize("router, balance_coef, z_loss_coef, training", [
+    ("sparsemixer", 0.01, 0.002, True),
+    ("sparsemixer-v2", 0.0, 0.002, True),  # a z-loss without a balance loss
+    ("sparsemixer", 0.05, 0.0, False),
+    ("switch", 0.01, 0.0, False),  # eval: DeepSpeed's gate without its input jitter, so the input gives its logits
+])
+def test_the_loss_is_cross_entropy_plus_each_moe_term_weighted_by_its_own_coefficient(router, balance_coef, z_loss_coef,
+                                                                                      training):
+    model, _ = small_model(f"moe.router={router}", f"moe.balance_coef={balance_coef}", f"moe.z_loss_coef={z_loss_coef}")
+    model.train(training)
+    calls = []
+    for block in model.blocks[1::2]:
+        block.ffn.deepspeed_moe.gate.register_forward_hook(lambda gate, args, out: calls.append((gate, args[0], out)))
+    tokens, targets = torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16))
+    out = model(tokens, targets)
+    # The reference, in float64 from each gate's input and its routes: Switch eq. 4 and ST-MoE eq. 5.
+    balance = z = 0.0
+    for gate, x, routes in calls:
+        logits = x.detach().double() @ gate.wg.weight.detach().double().t()
+        exp_counts = routes[-1].double()
+        fraction = exp_counts / (x.shape[0] * gate.k)
+        balance += float(4 * (torch.softmax(logits, dim=1).mean(0) * fraction).sum())
+        z += float((torch.logsumexp(logits, dim=1)**2).mean())
+    ce = float(F.cross_entropy(out.logits.detach().double().flatten(0, 1), targets.flatten()))
+    assert len(calls) == 2
+    assert float(out.ce) == pytest.approx(ce, rel=1e-6)
+    assert float(out.balance_loss) == pytest.approx(balance, rel=1e-5)
+    assert float(out.z_loss) == pytest.approx(z if z_loss_coef else 0.0, rel=1e-5)
+    assert float(out.loss) == pytest.approx(ce + balance_coef * balance + z_loss_coef * z, rel=1e-6)
 
 
 @pytest.mark.parametrize("positions", ["rotary", "learned"])
@@ -99,27 +135,44 @@ def test_generate_appends_tokens_and_greedy_is_deterministic():
     assert torch.equal(first, model.generate(prompt, 20, temperature=0))
 
 
-def test_router_monitor_statistics_match_the_routes():
+@pytest.mark.parametrize("make_gate", [
+    lambda: SparseMixerGate(8, 4, k=2, capacity_factor=0.5, min_capacity=1),
+    lambda: BaselineGate(8, 4, k=2, capacity_factor=0.5, min_capacity=1),  # gshard: no input jitter
+])
+def test_routing_statistics_come_from_the_routes_the_gate_computed(make_gate):
     torch.manual_seed(0)
-    gate = SparseMixerGate(8, 4, k=2, capacity_factor=0.5, min_capacity=1)
-    holder = nn.ModuleDict({"gate": gate})
-    monitor = RouterMonitor(holder)
+    gate = make_gate()
     x = torch.randn(64, 8)
-    monitor.active = True
+    gate.stats.recording = True
     torch.manual_seed(3)
     routes = gate(x, None, True)
-    stats = RouterMonitor.summarize(monitor.collect()[0])
-    load = torch.bincount(routes.exp_counts.new_tensor(list(range(4))).repeat_interleave(routes.exp_counts), minlength=4)
-    assert stats["load"] == pytest.approx((load.double() / load.sum()).tolist())
-    assert stats["dropped"] == pytest.approx(float((routes.indices_KS < 0).double().mean()))
+    stats = RoutingStats.summarize(gate.stats.take(torch.device("cpu")))
+    exp_counts = routes[-1]
+    assert stats["load"] == pytest.approx((exp_counts.double() / exp_counts.sum()).tolist())
+    assert stats["dropped"] == pytest.approx(float((routes[3] < 0).double().mean()))
     assert stats["dropped"] > 0
     p = torch.softmax(x @ gate.wg.weight.detach().t(), dim=1).double()
     assert stats["entropy"] == pytest.approx(float(-(p * p.log()).sum(1).mean()), rel=1e-5)
     assert stats["max_mean_load"] == pytest.approx(max(stats["load"]) * 4)
-    monitor.active = False
+    gate.stats.recording = False
     gate(x, None, True)
-    assert float(monitor.collect()[0][-1]) == 0, "inactive monitors record nothing"
-    monitor.close()
+    assert float(gate.stats.take(torch.device("cpu"))[-1]) == 0, "a gate that is not recording records nothing"
+
+
+def test_the_native_family_builds_the_model_and_exports_its_weights():
+    cfg = load_config(None, SMALL)
+    family = get_family(cfg)
+    assert FAMILIES["native"] is family and cfg.model.family == "native"
+    torch.manual_seed(0)
+    model = family.build(cfg)
+    assert isinstance(model, MoELM)
+    assert all(key in family.shape_keys for key in ("model.family", "model.d_model", "moe.num_experts"))
+    tensors = family.export_state(model)
+    torch.manual_seed(1)
+    other = family.build(cfg)
+    family.load_export_state(other, tensors)
+    for name, value in other.state_dict().items():
+        assert torch.equal(value, tensors[name]) and value.data_ptr() != model.state_dict()[name].data_ptr()
 
 
 def test_warmup_then_cosine_to_the_floor():

@@ -8,7 +8,8 @@ import pytest
 from conftest import REPO, TINY
 
 from sparsemixer_ds.config import ConfigError, dump_yaml, load_config
-from sparsemixer_ds.train import COMPLETE, CHECKPOINTS, checkpoint_tags, preflight
+from sparsemixer_ds.rundir import COMPLETE, RunDir
+from sparsemixer_ds.train import preflight
 
 
 def config(tmp_path, corpus, *overrides):
@@ -28,12 +29,22 @@ def test_a_good_run_passes_and_creates_nothing(tmp_path, corpus):
     (["model.seq_len=100000"], 2, "seq_len"),
     (["data.path=/nonexistent/data"], 2, "has no meta.json; prepare it first"),
     (["ds_config=/nonexistent/ds.json"], 2, "DeepSpeed config /nonexistent/ds.json does not exist"),
+    (["model.family=hf"], 2, "model.family must be one of native; got 'hf'"),
 ])
 def test_bad_runs_are_refused_with_the_reason(tmp_path, corpus, overrides, world, needle):
     with pytest.raises((ConfigError, ValueError)) as err:
         preflight(config(tmp_path, corpus, *overrides), world=world, resume=False)
     assert needle in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_native_family_refuses_zero_3(tmp_path, corpus):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(ConfigError) as err:
+        preflight(config(tmp_path, corpus, f"ds_config={ds}"), world=2, resume=False)
+    assert f"{ds}: zero_optimization.stage=3; DeepSpeed's MoE layers work with ZeRO stages 0, 1 and 2 only" \
+        in str(err.value)
 
 
 def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, corpus):
@@ -47,7 +58,7 @@ def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, corpus):
 
 
 def fake_run(run_dir, cfg, complete=True):
-    tag = run_dir / CHECKPOINTS / "step_00000004"
+    tag = RunDir(run_dir).checkpoints / "step_00000004"
     tag.mkdir(parents=True)
     if complete:
         (tag / COMPLETE).write_text("{}")
@@ -68,7 +79,7 @@ def test_resume_refuses_checkpoints_of_another_model_shape(tmp_path, corpus):
 
 def test_fresh_start_refuses_a_used_run_dir_and_resume_skips_partial_checkpoints(tmp_path, corpus):
     fake_run(tmp_path / "run", config(tmp_path, corpus, "model.vocab_size=257"), complete=False)
-    assert checkpoint_tags(tmp_path / "run" / CHECKPOINTS) == [], "no COMPLETE marker, no checkpoint"
+    assert RunDir(tmp_path / "run").tags() == [], "no COMPLETE marker, no checkpoint"
     with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
         preflight(config(tmp_path, corpus), world=2, resume=False)
     with pytest.raises(ConfigError, match="has no checkpoint to resume from"):

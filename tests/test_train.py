@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, free_port, launch_env, rank_pids, read_metrics, set_args
+from conftest import REPO, free_port, launch_env, rank_pids, run_metrics, set_args
 
 from safetensors.torch import load_file
 
@@ -21,7 +21,7 @@ from sparsemixer_ds.comm import SHM_DIR
 from sparsemixer_ds.data import eval_batches, open_split
 from sparsemixer_ds.config import ConfigError
 from sparsemixer_ds.export import load_export
-from sparsemixer_ds.train import checkpoint_tags
+from sparsemixer_ds.rundir import RunDir
 
 
 def launch_cmd(run_dir, corpus, *overrides, port, ds_config="ds_configs/cpu.json", resume=False):
@@ -61,7 +61,7 @@ def test_two_rank_expert_parallel_training_for_each_router(tmp_path, corpus, rou
     proc = launch(run_dir, corpus, f"moe.router={router}", f"moe.top_k={k}", "train.steps=12", "eval.interval=6",
                   "checkpoint.interval=4", "checkpoint.keep=2", f"train.grad_accum={accum}", ds_config=ds_config)
     assert "final validation loss" in proc.stdout and str(run_dir / "training.png") in proc.stdout
-    metrics = read_metrics(run_dir)
+    metrics = run_metrics(run_dir)
     train = [m for m in metrics if "loss" in m]
     evals = [m for m in metrics if "val_loss" in m]
     assert [m["step"] for m in train] == list(range(1, 13))
@@ -102,7 +102,7 @@ def finished_run(tmp_path_factory, corpus):
 
 def assert_resumed_as_uninterrupted(run_dir, finished_run, from_step):
     """After the ``resumed`` record, the run logged what the uninterrupted one did, to the last step."""
-    full, records = read_metrics(finished_run), read_metrics(run_dir)
+    full, records = run_metrics(finished_run), run_metrics(run_dir)
     marks = [i for i, m in enumerate(records) if m.get("resumed")]
     assert len(marks) == 1 and records[marks[0]]["step"] == from_step
     saved = [m for m in full if m["step"] == from_step and "val_loss" in m][0]
@@ -141,8 +141,8 @@ def test_a_rank_killed_while_saving_resumes_to_the_uninterrupted_result(tmp_path
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
     assert not (saving / "COMPLETE").exists(), "killed mid-save: the tag is there, unmarked"
-    assert checkpoint_tags(run_dir / "checkpoints") == ["step_00000004"]
-    logged = max(m["step"] for m in read_metrics(run_dir))
+    assert RunDir(run_dir).tags() == ["step_00000004"]
+    logged = max(m["step"] for m in run_metrics(run_dir))
     proc = launch(run_dir, corpus, *FINISHED, resume=True)
     assert f"removing {saving}: an interrupted save" in proc.stderr
     assert_resumed_as_uninterrupted(run_dir, finished_run, 4)
@@ -171,7 +171,7 @@ def test_a_full_disk_fails_the_save_and_keeps_the_last_checkpoint(tmp_path, corp
         failed = str(run_dir / "checkpoints" / "step_00000008")
         assert f"could not write checkpoint {failed}" in proc.stderr, proc.stderr[-3000:]
         assert "The checkpoints saved before are intact (step_00000004) and --resume continues" in proc.stderr
-        assert checkpoint_tags(run_dir / "checkpoints") == ["step_00000004"]
+        assert RunDir(run_dir).tags() == ["step_00000004"]
         assert not (run_dir / "checkpoints" / "step_00000008" / "COMPLETE").exists()
         # The checkpoint that was kept is whole: on a disk with room, --resume finishes the run.
         moved = tmp_path / "moved"
@@ -217,7 +217,7 @@ def test_export_gathers_every_expert_and_reproduces_the_validation_loss(tmp_path
                 logits = model(x).logits
             total += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
             count += y.numel()
-    logged = [m for m in read_metrics(finished_run) if "val_loss" in m][-1]
+    logged = [m for m in run_metrics(finished_run) if "val_loss" in m][-1]
     assert logged["step"] == 8
     assert total / count == pytest.approx(logged["val_loss"], rel=1e-5)
 
@@ -258,7 +258,7 @@ def test_memory_stays_flat_over_a_long_run(tmp_path, corpus):
     run_dir = tmp_path / "long"
     launch(run_dir, corpus, "train.steps=1000", "logging.interval=50", "eval.interval=500", "checkpoint.interval=0",
            "logging.plot=false", "model.seq_len=16", "train.micro_batch=2", timeout=600)
-    rss = {m["step"]: m["rss_mb"] for m in read_metrics(run_dir) if "rss_mb" in m}
+    rss = {m["step"]: m["rss_mb"] for m in run_metrics(run_dir) if "rss_mb" in m}
     early = statistics.median(rss[s] for s in (150, 200, 250, 300, 350))
     late = statistics.median(rss[s] for s in (800, 850, 900, 950, 1000))
     assert late - early < 20, f"rank 0 grew from {early:.0f} MB to {late:.0f} MB in 650 steps"
@@ -277,7 +277,7 @@ def test_resume_on_another_layout_keeps_the_model(tmp_path, corpus, finished_run
     proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "WARNING: resuming step_00000008 on another layout: weights loaded, optimizer state reset" in proc.stderr
-    metrics = read_metrics(run_dir)
+    metrics = run_metrics(run_dir)
     saved = [m for m in metrics if m.get("step") == 8 and "val_loss" in m and not m.get("resumed")][0]
     resumed = [m for m in metrics if m.get("resumed")][0]
     assert resumed["step"] == 8 and resumed["val_loss"] == pytest.approx(saved["val_loss"], rel=1e-5)
@@ -296,8 +296,9 @@ def test_resume_from_one_rank_onto_two(tmp_path, corpus):
     proc = launch(run_dir, corpus, "train.steps=6", "checkpoint.interval=4", "eval.interval=4",
                   "moe.eval_capacity_factor=4.0", "logging.plot=false", resume=True)
     assert "WARNING: resuming step_00000004 on another layout" in proc.stderr
-    metrics = read_metrics(run_dir)
+    metrics = run_metrics(run_dir)
     saved = [m for m in metrics if m.get("step") == 4 and "val_loss" in m and not m.get("resumed")][0]
     resumed = [m for m in metrics if m.get("resumed")][0]
     assert resumed["val_loss"] == pytest.approx(saved["val_loss"], rel=1e-5)
     assert [m["step"] for m in metrics if "loss" in m][-2:] == [5, 6]
+

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 from deepspeed import comm as dist
-from models import EP_CASES, ep_batch, ep_loss, expert_mlp, load_reference_weights, local_expert_offset
+from models import EP_CASES, EXPERT_HIDDEN, ep_batch, ep_loss, load_reference_weights, local_expert_offset
 
 from sparsemixer_ds import SparseMixerMoE
 from sparsemixer_ds.comm import init_distributed
+from sparsemixer_ds.model import feed_forward
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", type=Path, required=True)
@@ -21,7 +22,7 @@ args = parser.parse_args()
 
 init_distributed()
 rank, world = dist.get_rank(), dist.get_world_size()
-layer = SparseMixerMoE(16, expert_mlp(16), num_experts=4, ep_size=world, **EP_CASES[args.case])
+layer = SparseMixerMoE(16, feed_forward(16, EXPERT_HIDDEN), num_experts=4, ep_size=world, **EP_CASES[args.case])
 layer.set_deepspeed_parallelism()
 load_reference_weights(layer, seed=0)
 

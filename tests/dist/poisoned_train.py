@@ -2,8 +2,8 @@
 
 Started by the deepspeed launcher (tests/test_faults.py) with the trainer's own arguments. From the
 environment: POISON_STEPS, the 0-based optimizer steps to poison (comma separated, may be empty);
-POISON_RANK; POISON_MODE, ``loss`` (the logits, hence the loss and every gradient, turn NaN) or
-``grad`` (the loss stays finite, the gradient flowing back from the logits turns NaN). Everything
+POISON_RANK; POISON_MODE, ``loss`` (the loss, hence every gradient, turns NaN) or ``grad`` (the
+loss stays finite, the gradient flowing back from the logits turns NaN). Everything
 else is the real trainer, DeepSpeed engine and launcher.
 """
 import os
@@ -19,8 +19,8 @@ clean_forward = MoELM.forward
 calls = {"train": 0}
 
 
-def poisoned_forward(self, tokens):
-    out = clean_forward(self, tokens)
+def poisoned_forward(self, tokens, targets=None):
+    out = clean_forward(self, tokens, targets)
     if not self.training:
         return out
     step = calls["train"]  # one micro-step per optimizer step in these tests
@@ -28,7 +28,7 @@ def poisoned_forward(self, tokens):
     if step not in STEPS or int(os.environ["RANK"]) != RANK:
         return out
     if MODE == "loss":
-        return out._replace(logits=out.logits + float("nan"))
+        return out._replace(loss=out.loss * float("nan"), ce=out.ce * float("nan"))  # NaN, and NaN gradients
     out.logits.register_hook(lambda grad: grad * float("nan"))
     return out
 

@@ -1,0 +1,109 @@
+"""What a run reports: metrics.jsonl (one JSON object per line), the same values to DeepSpeed's
+monitors (CSV, TensorBoard), and the training throughput that goes with them.
+
+Records, by the keys they carry:
+    {"step", "tokens", "loss", "balance_loss", "z_loss", "lr", "skipped_steps", "tokens_per_s", "rss_mb",
+     "layers": [{"load", "max_mean_load", "dropped", "entropy"} per MoE layer]}   every logging.interval steps
+    {"step", "val_loss", "val_ppl"}                     every eval.interval steps and at the end
+    {"step", "resumed": true, "val_loss", "val_ppl"}    the loaded model, first thing after a resume
+    {"step", "skipped_steps", "stopped": "non-finite"}  a run stopped by train.max_skipped_steps
+"""
+import json
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import psutil
+import torch
+from deepspeed import comm as dist
+
+from .moe import RoutingStats
+
+__all__ = ["Metrics", "Throughput", "read_metrics", "all_mean", "finite_or_none"]
+
+
+def read_metrics(path: Path) -> List[dict]:
+    """Every record of a metrics.jsonl, in order."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def finite_or_none(value) -> Optional[float]:
+    """A metric for metrics.jsonl: JSON has no NaN or infinity."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def all_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over all ranks of a float64 tensor."""
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / dist.get_world_size()
+
+
+class Metrics:
+    """Writes records to ``path`` and events to DeepSpeed's ``monitor``; a no-op unless ``enabled``
+    (rank 0 writes, the other ranks only take part in the all-reduces)."""
+
+    def __init__(self, path: Path, monitor, enabled: bool) -> None:
+        self.path, self.monitor, self.enabled = Path(path), monitor, enabled
+
+    def write(self, record: dict, events: List[tuple] = ()) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.monitor.enabled and events:
+            self.monitor.write_events(events)
+
+    def training(self, step: int, tokens: int, losses: torch.Tensor, lr: float, skipped: int, tokens_per_s: float,
+                 routing: List[torch.Tensor]) -> dict:
+        """Log one training record. ``losses``: [ce, balance, z] means over the ranks; ``routing``: each MoE
+        layer's RoutingStats sums, all-reduced. Returns the record."""
+        layers = [RoutingStats.summarize(sums) for sums in routing]
+        ce, balance, z_loss = (float(v) for v in losses)
+        record = {"step": step, "tokens": tokens, "loss": finite_or_none(ce), "balance_loss": finite_or_none(balance),
+                  "z_loss": finite_or_none(z_loss), "lr": lr, "skipped_steps": skipped, "tokens_per_s": tokens_per_s,
+                  "rss_mb": psutil.Process().memory_info().rss / 2**20, "layers": layers}
+        events = [("Train/loss", ce, step), ("Train/balance_loss", balance, step), ("Train/z_loss", z_loss, step),
+                  ("Train/lr", lr, step), ("Train/tokens_per_s", tokens_per_s, step),
+                  ("Train/skipped_steps", skipped, step)]
+        for i, layer in enumerate(layers):
+            events += [(f"MoE/layer{i}/max_mean_load", layer["max_mean_load"], step),
+                       (f"MoE/layer{i}/dropped", layer["dropped"], step),
+                       (f"MoE/layer{i}/entropy", layer["entropy"], step)]
+            events += [(f"MoE/layer{i}/load_expert{e}", v, step) for e, v in enumerate(layer["load"])]
+        self.write(record, events)
+        return record
+
+    def evaluation(self, step: int, result: dict) -> None:
+        self.write({"step": step, **result}, [("Eval/loss", result["val_loss"], step),
+                                              ("Eval/ppl", result["val_ppl"], step)])
+
+
+class Throughput:
+    """Training tokens per second over the steps since the last reading, without the time spent
+    ``paused()`` (evaluation and checkpoints)."""
+
+    def __init__(self, tokens_per_step: int) -> None:
+        self.tokens_per_step = tokens_per_step
+        self._start, self._steps = time.perf_counter(), 0
+
+    def step(self) -> None:
+        self._steps += 1
+
+    def read(self) -> float:
+        """Tokens/s since the last read; starts a new window."""
+        now = time.perf_counter()
+        rate = self.tokens_per_step * self._steps / (now - self._start)
+        self._start, self._steps = now, 0
+        return rate
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._start += time.perf_counter() - began
