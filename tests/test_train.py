@@ -302,3 +302,21 @@ def test_resume_from_one_rank_onto_two(tmp_path, corpus):
     assert resumed["val_loss"] == pytest.approx(saved["val_loss"], rel=1e-5)
     assert [m["step"] for m in metrics if "loss" in m][-2:] == [5, 6]
 
+
+# Written by `sparsemixer-ds export` with the code of commit d725c30, before the model-family seam and the
+# model-owned loss: the tiny model (TINY with moe.moe_every=1), 40 steps on 2 ranks. The figures below are
+# what that code computed from it.
+OLD_EXPORT = REPO / "tests" / "fixtures" / "tiny-export-d725c30.safetensors"
+
+
+def test_an_export_written_by_earlier_code_loads_and_computes_what_it_did():
+    model, cfg, tokenizer = load_export(OLD_EXPORT)
+    assert cfg.model.family == "native" and tokenizer == {"kind": "bytes", "json": None}
+    ids = torch.tensor([list(b"def greet(name):\n    return name\n")])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model(ids[:, :-1], ids[:, 1:])
+    assert float(out.ce) == pytest.approx(2.852731943130493, rel=1e-6)
+    sampled = cli("generate", "--export", str(OLD_EXPORT), "--prompt", "import ", "--tokens", "40", "--temperature",
+                  "0.8", "--seed", "3")
+    assert sampled.endswith("import \n                             s_'ae(eeeT\n")
