@@ -20,18 +20,19 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from sparsemixer_ds.config import load_config, total_steps  # noqa: E402
-from sparsemixer_ds.data import Batches, eval_batches, open_split  # noqa: E402
-from sparsemixer_ds.model import MoELM  # noqa: E402
-from sparsemixer_ds.moe import optimizer_param_groups  # noqa: E402
-from sparsemixer_ds.train import read_data_meta, resolve_vocab, step_seed, warmup_cosine  # noqa: E402
+from sparsemixer_ds.data import Batches, eval_batches, model_vocab_size, open_split  # noqa: E402
+from sparsemixer_ds.families import get_family  # noqa: E402
+from sparsemixer_ds.optim import build_optimizer  # noqa: E402
+from sparsemixer_ds.routers import ROUTERS  # noqa: E402
+from sparsemixer_ds.testing import TINY  # noqa: E402
+from sparsemixer_ds.train import evaluate, step_seed  # noqa: E402
 
-TOP1_ARMS = ["switch", "sampled", "euler", "sparsemixer", "midpoint-all", "sparsemixer-v2"]
+TOP1_ARMS = [name for name, router in ROUTERS.items() if 1 in router.top_k]
 # Two-sided 95% quantiles of Student's t by degrees of freedom (standard tables); 1.96 beyond.
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -50,45 +51,30 @@ def train_arm(cfg, arm: str, seed: int, val_batches: int, device: torch.device, 
     """One run: the validation-loss curve of ``arm`` with ``seed``."""
     cfg.moe.router, cfg.train.seed = arm, seed
     data_dir = Path(cfg.data.path)
-    resolve_vocab(cfg, read_data_meta(data_dir))
+    cfg.model.vocab_size = model_vocab_size(data_dir, cfg.model.vocab_size)
     t = cfg.train
     steps = total_steps(cfg, 1)
     batches = Batches(open_split(data_dir, "train"), cfg.model.seq_len, t.micro_batch, 0, 1, t.grad_accum, seed)
     # The same validation windows for every arm and seed.
     val = eval_batches(open_split(data_dir, "val"), cfg.model.seq_len, cfg.eval.batch_size, 0, 1, val_batches)
     torch.manual_seed(seed)
-    model = MoELM(cfg.model, cfg.moe).to(device)
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg, steps))
+    model = get_family(cfg).build(cfg).to(device)
+    optimizer, schedule = build_optimizer(model, cfg, steps, guarded=False)
     curve, start = [], time.perf_counter()
-
-    def evaluate(step: int) -> None:
-        model.eval()
-        total = count = 0.0
-        torch.manual_seed(step_seed(seed, step, 1 << 30, 0))
-        with torch.no_grad():
-            for x, y in val:
-                logits = model(x.to(device)).logits
-                total += float(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum"))
-                count += y.numel()
-        model.train()
-        curve.append({"step": step, "val_loss": total / count})
-        log(f"{arm} seed {seed} step {step}: val_loss {total / count:.4f} ({time.perf_counter() - start:.0f} s)")
-
     for step in range(steps):
         for micro in range(t.grad_accum):
             x, y = batches.get(step, micro)
             torch.manual_seed(step_seed(seed, step, micro, 0))
-            out = model(x.to(device))
-            ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.to(device).flatten())
-            ((ce + cfg.moe.balance_coef * out.aux_loss) / t.grad_accum).backward()
+            (model(x.to(device), y.to(device)).loss / t.grad_accum).backward()
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
         if (step + 1) % cfg.eval.interval == 0 or step + 1 == steps:
-            evaluate(step + 1)
+            val_loss = evaluate(model, val, seed, step + 1, 0, device)["val_loss"]
+            curve.append({"step": step + 1, "val_loss": val_loss})
+            log(f"{arm} seed {seed} step {step + 1}: val_loss {val_loss:.4f} ({time.perf_counter() - start:.0f} s)")
     tokens = steps * t.micro_batch * t.grad_accum * cfg.model.seq_len
     return {"arm": arm, "seed": seed, "steps": steps, "tokens": tokens, "seconds": time.perf_counter() - start,
             "val_tokens": len(val) * cfg.eval.batch_size * cfg.model.seq_len, "curve": curve}
@@ -188,9 +174,7 @@ def main() -> None:
     overrides = list(args.set) + [f"moe.top_k={args.top_k}", "moe.ep_size=1"]
     if args.smoke:
         args.arms, args.seeds, args.val_batches = ["switch", "sparsemixer"], [0], 2
-        overrides += ["train.steps=6", "eval.interval=3", "model.d_model=32", "model.n_heads=2", "model.n_layers=2",
-                      "moe.expert_hidden=32", "model.ffn_hidden=64", "model.seq_len=32", "train.micro_batch=4",
-                      "eval.batch_size=4"]
+        overrides += TINY + ["train.steps=6", "eval.interval=3"]
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     if not args.report_only:

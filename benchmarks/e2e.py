@@ -14,23 +14,22 @@ run in the same round, which cancels drifts of the machine's speed that last lon
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from sparsemixer_ds.routers import main_routers  # noqa: E402
+from sparsemixer_ds.testing import TINY, free_port, run_metrics  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
-ROUTERS = [("sparsemixer", 1), ("sparsemixer-v2", 1), ("switch", 1), ("gshard", 2)]
-TINY = ["model.d_model=32", "model.n_heads=2", "model.n_layers=2", "model.seq_len=32", "model.ffn_hidden=64",
-        "moe.num_experts=4", "moe.expert_hidden=32", "train.micro_batch=4", "eval.batches=1", "eval.batch_size=4"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+ROUTERS = [(router.name, router.top_k[0]) for router in main_routers()]
 
 
 def run_once(router: str, k: int, ranks: int, steps: int, extra: list, workdir: Path) -> float:
@@ -44,8 +43,7 @@ def run_once(router: str, k: int, ranks: int, steps: int, extra: list, workdir: 
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{router} on {ranks} ranks failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    windows = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]
+    windows = [r["tokens_per_s"] for r in run_metrics(run_dir) if "tokens_per_s" in r][1:]
     return statistics.median(windows)
 
 
@@ -64,7 +62,7 @@ def main() -> None:
     routers, extra = [(name, k) for name, k in ROUTERS if name in chosen], [f"data.path={args.data}"]
     if args.smoke:
         args.rounds, args.steps, args.ranks, routers = 1, 30, [1], ROUTERS[::2]
-        extra += TINY
+        extra += TINY + ["eval.batches=1"]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for ranks in args.ranks:

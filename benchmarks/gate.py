@@ -11,8 +11,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ if not torch.cuda.is_available():
 from deepspeed.moe.sharded_moe import TopKGate  # noqa: E402
 
 from sparsemixer_ds import SparseMixerGate  # noqa: E402
+from sparsemixer_ds.testing import sync, time_interleaved  # noqa: E402
 
 SHAPES = [  # (tokens S, model dim d, experts E)
     (16384, 256, 8),  # few experts: short softmax rows, where a CPU softmax is slowest per element
@@ -32,11 +31,6 @@ SHAPES = [  # (tokens S, model dim d, experts E)
 ]
 SMOKE_SHAPES = [(512, 32, 8)]
 GATE_OPTIONS = dict(capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=4)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_step(gate: torch.nn.Module, x: torch.Tensor, probe: torch.Tensor):
@@ -59,22 +53,6 @@ def make_floor(gate: torch.nn.Module, x: torch.Tensor, probe: torch.Tensor):
         (probs[:, 0] * probe[0]).sum().backward()
 
     return step
-
-
-def time_interleaved(steps: dict, repeats: int, device: torch.device) -> dict:
-    """Median seconds per call of each step, run in turn so drifts hit all of them alike."""
-    for step in steps.values():  # warm-up: allocator, lazy init, caches
-        for _ in range(3):
-            step()
-    samples = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            sync(device)
-            start = time.perf_counter()
-            step()
-            sync(device)
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def bench_shape(tokens: int, dim: int, experts: int, repeats: int, device: torch.device) -> list:

@@ -11,33 +11,34 @@ midpoint estimator's per-channel output scale, to show what that multiply costs.
 """
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
-from e2e import TINY
-from gate import time_interleaved  # sets DS_ACCELERATOR=cpu where there is no GPU, before DeepSpeed loads
 
-from sparsemixer_ds.config import load_config
-from sparsemixer_ds.model import MoELM
-from sparsemixer_ds.moe import SparseMixerMoE
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-ROUTERS = [("sparsemixer", 1), ("sparsemixer-v2", 1), ("switch", 1), ("gshard", 2)]
+from sparsemixer_ds.config import load_config  # noqa: E402
+from sparsemixer_ds.families import get_family  # noqa: E402
+from sparsemixer_ds.moe import SparseMixerMoE  # noqa: E402
+from sparsemixer_ds.routers import main_routers  # noqa: E402
+from sparsemixer_ds.testing import TINY, time_interleaved  # noqa: E402
+
 NO_OMEGA = "sparsemixer without omega"
 
 
-def build(config: Path, router: str, k: int, extra: list) -> MoELM:
+def build(config: Path, router: str, k: int, extra: list) -> torch.nn.Module:
     cfg = load_config(config, [f"moe.router={router}", f"moe.top_k={k}", "moe.ep_size=1", "model.vocab_size=257",
                                *extra])
     torch.manual_seed(0)
-    return MoELM(cfg.model, cfg.moe)
+    return get_family(cfg).build(cfg)
 
 
-def make_step(model: MoELM, tokens: torch.Tensor):
+def make_step(model: torch.nn.Module, tokens: torch.Tensor):
     def step():
         model.zero_grad(set_to_none=True)
-        out = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten()) + out.aux_loss
-        loss.backward()
+        model(tokens[:, :-1], tokens[:, 1:]).loss.backward()
     return step
 
 
@@ -55,7 +56,7 @@ def main() -> None:
     rounds = 3 if args.smoke else args.rounds
 
     device = torch.device(args.device)
-    models = {router: build(args.config, router, k, extra) for router, k in ROUTERS}
+    models = {router.name: build(args.config, router.name, router.top_k[0], extra) for router in main_routers()}
     models[NO_OMEGA] = build(args.config, "sparsemixer", 1, extra)
     for layer in models[NO_OMEGA].modules():
         if isinstance(layer, SparseMixerMoE):

@@ -11,8 +11,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -24,31 +22,21 @@ from deepspeed.moe.layer import MoE  # noqa: E402
 
 from sparsemixer_ds import convert  # noqa: E402
 from sparsemixer_ds.comm import init_distributed  # noqa: E402
+from sparsemixer_ds.model import feed_forward  # noqa: E402
+from sparsemixer_ds.routers import ROUTERS  # noqa: E402
+from sparsemixer_ds.testing import time_interleaved  # noqa: E402
 
-# (baseline, its k, SparseMixer estimator) pairs at equal k
-PAIRS = [("switch", 1, "midpoint"), ("gshard", 2, "heun3")]
-
-
-def expert(d: int, hidden: int) -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, d))
-
-
-def timed(step, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+# DeepSpeed's baseline and the SparseMixer router it is compared with, at the baseline's k.
+PAIRS = [(ROUTERS["switch"], ROUTERS["sparsemixer"]), (ROUTERS["gshard"], ROUTERS["sparsemixer-v2"])]
 
 
 def bench(tokens: int, d: int, hidden: int, experts: int, repeats: int, ep_size: int, device) -> list:
     rows = []
-    for baseline, k, estimator in PAIRS:
+    for baseline, mixer_router in PAIRS:
+        k, estimator = baseline.top_k[0], mixer_router.estimator
         torch.manual_seed(0)
-        stock = MoE(d, expert(d, hidden), num_experts=experts, ep_size=ep_size, k=k, capacity_factor=1.25,
-                    min_capacity=4, noisy_gate_policy="Jitter" if k == 1 else None)
+        stock = MoE(d, feed_forward(d, hidden), num_experts=experts, ep_size=ep_size, k=k, capacity_factor=1.25,
+                    min_capacity=4, noisy_gate_policy="Jitter" if baseline.input_jitter else None)
         mixer = torch.nn.Sequential(copy.deepcopy(stock))
         convert(mixer, estimator=estimator)
         mixer = mixer[0]
@@ -65,16 +53,9 @@ def bench(tokens: int, d: int, hidden: int, experts: int, repeats: int, ep_size:
                 (out.square().mean() + l_aux).backward()
             return step
 
-        steps = {name: step_of(layer) for name, layer in layers.items()}
-        for step in steps.values():
-            for _ in range(3):
-                step()
-        samples = {name: [] for name in steps}
-        for _ in range(repeats):
-            for name, step in steps.items():
-                samples[name].append(timed(step, device))
-        ds_ms, sm_ms = (statistics.median(samples[n]) * 1e3 for n in ("deepspeed", "sparsemixer"))
-        rows.append({"baseline": baseline, "k": k, "estimator": estimator, "tokens": tokens, "dim": d,
+        medians = time_interleaved({name: step_of(layer) for name, layer in layers.items()}, repeats, device)
+        ds_ms, sm_ms = (medians[n] * 1e3 for n in ("deepspeed", "sparsemixer"))
+        rows.append({"baseline": baseline.name, "k": k, "estimator": estimator, "tokens": tokens, "dim": d,
                      "expert_hidden": hidden, "experts": experts, "ep_size": ep_size, "deepspeed_ms": ds_ms,
                      "sparsemixer_ms": sm_ms, "ratio": sm_ms / ds_ms})
     return rows
