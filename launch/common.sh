@@ -116,6 +116,40 @@ read_hostfile() {
   [[ ${#HOSTS[@]} -ge 1 ]] || die "hostfile '$file' lists no host"
 }
 
+# hostfile_world [NODES [NPROC]]: WORLD, the ranks on the first NODES hosts that read_hostfile read (default:
+# all of them), NPROC on each (at most its slots) or, without NPROC, as many as each host has slots.
+hostfile_world() {
+  local nodes=${1:-${#HOSTS[@]}} nproc=${2:-} slots i
+  (( nodes <= ${#HOSTS[@]} )) || die "--nodes $nodes exceeds the ${#HOSTS[@]} hosts of '$HOSTFILE'"
+  WORLD=0
+  for ((i = 0; i < nodes; i++)); do
+    slots=${SLOTS[i]}
+    if [[ -n "$nproc" ]]; then
+      (( nproc <= slots )) || die "--nproc $nproc exceeds the $slots slots of ${HOSTS[i]} in '$HOSTFILE'"
+      slots=$nproc
+    fi
+    WORLD=$((WORLD + slots))
+  done
+}
+
+# launch_tmp: LAUNCH_TMP, a directory of this launch's own files, removed when the script exits.
+launch_tmp() {
+  if [[ -z "${LAUNCH_TMP:-}" ]]; then
+    LAUNCH_TMP=$(mktemp -d)
+    trap 'rm -rf "$LAUNCH_TMP"' EXIT
+  fi
+}
+
+# write_hostfile NPROC HOST...: HOSTFILE, a generated hostfile with NPROC slots on each HOST, then read it.
+write_hostfile() {
+  local nproc=$1 host
+  shift
+  launch_tmp
+  HOSTFILE=$LAUNCH_TMP/hostfile
+  for host in "$@"; do echo "$host slots=$nproc"; done >"$HOSTFILE"
+  read_hostfile "$HOSTFILE"
+}
+
 # The project's venv first on PATH (its deepspeed, python and the ninja that built the cached ops),
 # and DeepSpeed's CPU accelerator where there is no GPU.
 setup_env() {
@@ -128,9 +162,11 @@ setup_env() {
 }
 
 # preflight WORLD: the run's configs, data and run directory checked for WORLD ranks, before any starts.
+# Then TRAIN, what every rank runs after `python -m` (or `deepspeed ... --module`): the trainer's command line.
 preflight() {
   python -m sparsemixer_ds.cli check --config "$CONFIG" --world-size "$1" "${TRAIN_ARGS[@]}" >&2 ||
     die "refusing to launch: fix the error above"
+  TRAIN=(sparsemixer_ds.cli train --config "$CONFIG" "${TRAIN_ARGS[@]}")
 }
 
 # run_cmd CMD...: print it (--dry-run) or run it.

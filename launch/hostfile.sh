@@ -20,23 +20,14 @@ parse_args "config ds-config nodes nproc hostfile master-addr master-port no-ssh
 [[ -n "$HOSTFILE" ]] || die "--hostfile is required: one 'HOST slots=N' line per node"
 read_hostfile "$HOSTFILE"
 nodes=${NODES:-${#HOSTS[@]}}
-(( nodes <= ${#HOSTS[@]} )) || die "--nodes $nodes exceeds the ${#HOSTS[@]} hosts of '$HOSTFILE'"
-world=0
-for ((i = 0; i < nodes; i++)); do
-  slots=${SLOTS[i]}
-  if [[ -n "$NPROC" ]]; then
-    (( NPROC <= slots )) || die "--nproc $NPROC exceeds the $slots slots of ${HOSTS[i]} in '$HOSTFILE'"
-    slots=$NPROC
-  fi
-  world=$((world + slots))
-done
+hostfile_world "$nodes" "$NPROC"
 master=${MASTER_ADDR_OPT:-${HOSTS[0]}}
 setup_env "$repo"
-preflight "$world"
+preflight "$WORLD"
 
 # DeepSpeed forwards only a few variable prefixes to the other nodes; the rest goes in an env file.
-env_file=$(mktemp)
-trap 'rm -f "$env_file"' EXIT
+launch_tmp
+env_file=$LAUNCH_TMP/env
 {
   echo "PATH=$PATH"
   [[ -z "${DS_ACCELERATOR:-}" ]] || echo "DS_ACCELERATOR=$DS_ACCELERATOR"
@@ -45,6 +36,6 @@ export DS_ENV_FILE=$env_file
 cmd=(deepspeed --hostfile "$HOSTFILE" --master_addr "$master" --master_port "$MASTER_PORT_OPT" --num_nodes "$nodes")
 [[ -z "$NPROC" ]] || cmd+=(--num_gpus "$NPROC")
 [[ $NO_SSH_CHECK == 0 ]] || cmd+=(--no_ssh_check)
-cmd+=(--no_local_rank --module sparsemixer_ds.cli train --config "$CONFIG" "${TRAIN_ARGS[@]}")
+cmd+=(--no_local_rank --module "${TRAIN[@]}")
 [[ $DRY_RUN == 0 ]] || echo "# DS_ENV_FILE: $(paste -sd' ' "$env_file")"
 run_cmd "${cmd[@]}"

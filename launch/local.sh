@@ -15,5 +15,4 @@ parse_args "config ds-config nproc master-port dry-run" "$@"
 NPROC=${NPROC:-2}
 setup_env "$repo"
 preflight "$NPROC"
-run_cmd deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT_OPT" --no_local_rank \
-  --module sparsemixer_ds.cli train --config "$CONFIG" "${TRAIN_ARGS[@]}"
+run_cmd deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT_OPT" --no_local_rank --module "${TRAIN[@]}"

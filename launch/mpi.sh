@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # MPI: mpirun starts every rank; mpi4py tells each its rank, world size and local rank (see
-# sparsemixer_ds.train.discover_mpi). With --via-deepspeed, DeepSpeed's own `--launcher openmpi`
+# sparsemixer_ds.comm.discover_mpi). With --via-deepspeed, DeepSpeed's own `--launcher openmpi`
 # builds the mpirun command from the hostfile instead.
 set -euo pipefail
 LAUNCH_NAME=launch/mpi.sh
@@ -19,8 +19,6 @@ usage() {
 }
 
 parse_args "config ds-config nodes nproc hostfile master-addr master-port mpirun-arg via-deepspeed dry-run" "$@"
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
 if [[ -n "$HOSTFILE" ]]; then
   [[ -z "$NPROC$NODES" ]] || die "give either --hostfile or --nproc, not both: the hostfile's slots set the ranks"
   read_hostfile "$HOSTFILE"
@@ -28,15 +26,12 @@ if [[ -n "$HOSTFILE" ]]; then
 else
   [[ -n "$NPROC" ]] || die "give --nproc K (ranks on this host) or --hostfile FILE"
   [[ -z "$NODES" || "$NODES" == 1 ]] || die "--nodes > 1 needs --hostfile to say which hosts"
-  HOSTFILE=$tmp/hostfile
-  echo "localhost slots=$NPROC" >"$HOSTFILE"
-  read_hostfile "$HOSTFILE"
+  write_hostfile "$NPROC" localhost
   master=${MASTER_ADDR_OPT:-127.0.0.1}
 fi
-world=0
-for s in "${SLOTS[@]}"; do world=$((world + s)); done
+hostfile_world
 setup_env "$repo"
-preflight "$world"
+preflight "$WORLD"
 
 mpi_args=()
 [[ $EUID != 0 ]] || mpi_args+=(--allow-run-as-root)  # Open MPI refuses root unless told
@@ -53,9 +48,8 @@ if [[ $VIA_DEEPSPEED == 1 ]]; then
   # probe is for its pdsh runner. DeepSpeed splits --launcher_args with shlex, so they are quoted here.
   run_cmd deepspeed --launcher openmpi --force_multi --launcher_args "$(printf '%q ' "${mpi_args[@]}")" \
     --hostfile "$HOSTFILE" --no_ssh_check --master_addr "$master" --master_port "$MASTER_PORT_OPT" --no_local_rank \
-    --module sparsemixer_ds.cli train --config "$CONFIG" "${TRAIN_ARGS[@]}"
+    --module "${TRAIN[@]}"
 else
   [[ -z "${PYTHONPATH:-}" ]] || mpi_args+=(-x PYTHONPATH)
-  run_cmd mpirun -n "$world" --hostfile "$HOSTFILE" "${mpi_args[@]}" \
-    python -m sparsemixer_ds.cli train --config "$CONFIG" "${TRAIN_ARGS[@]}"
+  run_cmd mpirun -n "$WORLD" --hostfile "$HOSTFILE" "${mpi_args[@]}" python -m "${TRAIN[@]}"
 fi

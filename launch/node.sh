@@ -18,19 +18,18 @@ usage() {
 parse_args "config ds-config nodes nproc hostfile master-addr master-port node-rank dry-run" "$@"
 [[ -n "$NODE_RANK" ]] || die "--node-rank is required (0 on the master's node)"
 [[ -n "$MASTER_ADDR_OPT" ]] || die "--master-addr is required: the address of node rank 0, reachable from every node"
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-if [[ -z "$HOSTFILE" ]]; then
+if [[ -n "$HOSTFILE" ]]; then
+  read_hostfile "$HOSTFILE"
+else
   [[ -n "$NODES" && -n "$NPROC" ]] || die "give --hostfile, or --nodes and --nproc"
-  HOSTFILE=$tmp/hostfile
-  for ((i = 0; i < NODES; i++)); do echo "node$i slots=$NPROC"; done >"$HOSTFILE"
+  names=()
+  for ((i = 0; i < NODES; i++)); do names+=("node$i"); done
+  write_hostfile "$NPROC" "${names[@]}"
 fi
-read_hostfile "$HOSTFILE"
 (( NODE_RANK < ${#HOSTS[@]} )) || die "--node-rank $NODE_RANK is out of range: the hostfile lists ${#HOSTS[@]} nodes"
-world=0
-for s in "${SLOTS[@]}"; do world=$((world + s)); done
+hostfile_world
 setup_env "$repo"
-preflight "$world"
+preflight "$WORLD"
 [[ $DRY_RUN == 0 ]] || echo "# hostfile $HOSTFILE: $(paste -sd, "$HOSTFILE")"
 run_cmd deepspeed --no_ssh --node_rank "$NODE_RANK" --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR_OPT" \
-  --master_port "$MASTER_PORT_OPT" --no_local_rank --module sparsemixer_ds.cli train --config "$CONFIG" "${TRAIN_ARGS[@]}"
+  --master_port "$MASTER_PORT_OPT" --no_local_rank --module "${TRAIN[@]}"
