@@ -19,6 +19,7 @@ import yaml
 
 from .routers import ROUTERS
 
+
 class ConfigError(ValueError):
     """A run or DeepSpeed config that cannot run; the message says where and how to fix it."""
 

@@ -119,13 +119,13 @@ def model_vocab_size(data_dir: Path, vocab_size: int) -> int:
         vocab_size = int(meta["vocab_size"])
     elif vocab_size < int(meta["vocab_size"]):
         raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the data's vocabulary "
-                         f"({meta['vocab_size']} in {data_dir}/meta.json); set it to 0 to take the data's")
+                          f"({meta['vocab_size']} in {data_dir}/meta.json); set it to 0 to take the data's")
     for split in SPLITS:
         tokens = open_split(data_dir, split)
         if len(tokens) and int(tokens.data.max()) >= vocab_size:
             raise ConfigError(f"{tokens.path} holds token id {int(tokens.data.max())}, outside the vocabulary of "
-                             f"{vocab_size}; the token file does not belong to this meta.json or "
-                             "model.vocab_size is too small (prepare the data again, or set model.vocab_size=0)")
+                              f"{vocab_size}; the token file does not belong to this meta.json or "
+                              "model.vocab_size is too small (prepare the data again, or set model.vocab_size=0)")
     return vocab_size
 
 

@@ -342,9 +342,9 @@ class SparseMixerMoE(MoE):
     """DeepSpeed's MoE layer with a SparseMixerGate; returns ``(output, l_aux, exp_counts)``.
 
     Takes MoE's constructor arguments plus the gate's ``jitter_eps``, ``estimator``, ``balance_coef``
-    and ``z_loss_coef``. With
-    the midpoint estimator (and its midpoint-all ablation) it owns SparseMixer's per-channel output scale ``omega`` [M]
-    (initialised to ones, trained, a non-expert parameter), applied to the experts' combined output.
+    and ``z_loss_coef``. With the midpoint estimator (and its midpoint-all ablation) it owns
+    SparseMixer's per-channel output scale ``omega`` [M] (initialised to ones, trained, a non-expert
+    parameter), applied to the experts' combined output.
     """
 
     def __init__(self,
@@ -415,8 +415,9 @@ def convert(model: nn.Module, **sparsemixer_kwargs) -> int:
 
     Call it before ``deepspeed.initialize``. Router weights, capacity settings, experts and
     residual-MoE parts are kept (the same parameter objects); ``sparsemixer_kwargs`` are
-    ``jitter_eps``, ``estimator``, ``balance_coef`` and ``z_loss_coef``. A layer's ``noisy_gate_policy`` is dropped:
-    SparseMixer's sampling replaces input jitter. Returns how many layers were converted.
+    ``jitter_eps``, ``estimator``, ``balance_coef`` and ``z_loss_coef``. A layer's ``noisy_gate_policy``
+    is dropped: SparseMixer's sampling replaces input jitter. Draws no random numbers. Returns how many
+    layers were converted.
     """
     options = ("jitter_eps", "estimator", "balance_coef", "z_loss_coef")
     unknown = set(sparsemixer_kwargs) - set(options)

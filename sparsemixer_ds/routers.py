@@ -26,7 +26,8 @@ class Router(NamedTuple):
 ROUTERS: Dict[str, Router] = {r.name: r for r in (
     Router("sparsemixer", (1, ), "midpoint", about="SparseMixer, midpoint estimator (Liu et al. 2023)"),
     Router("sparsemixer-v2", (1, 2), "heun3", about="SparseMixer-v2 / GRIN, heun3 estimator (Liu et al. 2024)"),
-    Router("switch", (1, ), None, input_jitter=True, about="DeepSpeed's TopKGate, k=1, input jitter (Fedus et al. 2021)"),
+    Router("switch", (1, ), None, input_jitter=True,
+           about="DeepSpeed's TopKGate, k=1, input jitter (Fedus et al. 2021)"),
     Router("gshard", (2, ), None, about="DeepSpeed's TopKGate, k=2 (Lepikhin et al. 2020)"),
     # Ablations of the estimator (sparsemixer_ds.routing explains each).
     Router("sampled", (1, 2), "sampled", ablation=True, about="D ~ p with the plain gradient of p_D"),
