@@ -46,7 +46,7 @@ class ModelFamily(Protocol):
     name: str
     shape_keys: Tuple[str, ...]
 
-    def build(self, cfg: RunConfig) -> nn.Module:
+    def build(self, cfg: RunConfig) -> LanguageModel:
         ...
 
     def ds_config(self, cfg: RunConfig, ds: dict, source: str) -> dict:

@@ -93,7 +93,7 @@ def test_the_loss_is_cross_entropy_plus_each_moe_term_weighted_by_its_own_coeffi
     assert float(out.ce) == pytest.approx(ce, rel=1e-6)
     assert float(out.balance_loss) == pytest.approx(balance, rel=1e-5)
     assert float(out.z_loss) == pytest.approx(z if z_loss_coef else 0.0, rel=1e-5)
-    assert float(out.loss) == pytest.approx(ce + balance_coef * balance + z_loss_coef * z, rel=1e-6)
+    assert out.loss.item() == pytest.approx(ce + balance_coef * balance + z_loss_coef * z, rel=1e-6)
 
 
 @pytest.mark.parametrize("positions", ["rotary", "learned"])
