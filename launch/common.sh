@@ -16,6 +16,7 @@ NO_SSH_CHECK=0
 VIA_DEEPSPEED=0
 MPIRUN_ARGS=()
 TRAIN_ARGS=()
+TRAIN=()
 
 die() {
   echo "$LAUNCH_NAME: $*" >&2
@@ -78,6 +79,8 @@ parse_args() {
     [[ -f "$DS_CONFIG" ]] || die "DeepSpeed config '$DS_CONFIG' does not exist (see ds_configs/)"
     TRAIN_ARGS=(--set "ds_config=$DS_CONFIG" "${TRAIN_ARGS[@]}")
   fi
+  # What every rank runs after `python -m` (or `deepspeed ... --module`): the trainer's command line.
+  TRAIN=(sparsemixer_ds.cli train --config "$CONFIG" "${TRAIN_ARGS[@]}")
   [[ -z "$NODES" ]] || positive_int --nodes "$NODES"
   [[ -z "$NPROC" ]] || positive_int --nproc "$NPROC"
   [[ "$MASTER_PORT_OPT" =~ ^[0-9]+$ && "$MASTER_PORT_OPT" -ge 1 && "$MASTER_PORT_OPT" -le 65535 ]] ||
@@ -162,11 +165,9 @@ setup_env() {
 }
 
 # preflight WORLD: the run's configs, data and run directory checked for WORLD ranks, before any starts.
-# Then TRAIN, what every rank runs after `python -m` (or `deepspeed ... --module`): the trainer's command line.
 preflight() {
   python -m sparsemixer_ds.cli check --config "$CONFIG" --world-size "$1" "${TRAIN_ARGS[@]}" >&2 ||
     die "refusing to launch: fix the error above"
-  TRAIN=(sparsemixer_ds.cli train --config "$CONFIG" "${TRAIN_ARGS[@]}")
 }
 
 # run_cmd CMD...: print it (--dry-run) or run it.
