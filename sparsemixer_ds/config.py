@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
@@ -84,6 +85,11 @@ class TrainConfig:
     # How long a collective (and the rendezvous at start) waits for the other ranks before the run
     # fails: a rank on a dead node is noticed after this. Long enough for the slowest checkpoint save.
     collective_timeout_s: int = 1800
+    # On SIGTERM/SIGINT (preemption, scancel, Ctrl-C) every rank finishes its step, a checkpoint is
+    # saved and the run exits; this long after the signal it exits in any case. Below SLURM's
+    # KillWait and Kubernetes' terminationGracePeriodSeconds (both 30 s by default), which follow
+    # with SIGKILL.
+    stop_grace_s: int = 25
 
 
 @dataclass
@@ -119,6 +125,53 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, except that a key given twice in one mapping is an error: PyYAML
+    would keep the later value and drop the earlier one (a whole section, say) without a word."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_unique_keys(node, "")
+        return super().construct_document(node)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping key given twice: ``key`` with its dotted path, ``lines`` 1-based."""
+
+    def __init__(self, key: str, lines: Sequence[int]) -> None:
+        super().__init__(f"'{key}' is given twice (lines {lines[0]} and {lines[1]})")
+        self.key, self.lines = key, lines
+
+
+def _check_unique_keys(node: yaml.Node, prefix: str) -> None:
+    """Raise _DuplicateKey for the first key given twice in a mapping under ``node`` (``prefix``: its path)."""
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_unique_keys(item, prefix)
+    elif isinstance(node, yaml.MappingNode):
+        first_line = {}
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}" if isinstance(key_node, yaml.ScalarNode) else None
+            if key in first_line:
+                raise _DuplicateKey(key, [first_line[key], key_node.start_mark.line + 1])
+            if key is not None:
+                first_line[key] = key_node.start_mark.line + 1
+            _check_unique_keys(value_node, f"{key}.")
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
+# A number as Python and YAML 1.2 write it (3e-3, 1E5, -2.5e-1, .5). PyYAML reads YAML 1.1, whose
+# floats need a dot and a signed exponent, so 3e-3 arrives as a string; float-typed keys take it.
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _number(value: Any) -> Any:
+    """``value`` as a float if it is a string in ordinary float notation, else unchanged."""
+    return float(value) if isinstance(value, str) and _FLOAT.fullmatch(value.strip()) else value
+
+
 def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
             List[float]: "a list of numbers"}.get(tp, str(tp))
@@ -126,6 +179,10 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """``value`` as type ``tp``, or a ConfigError naming the key, the source and the expected type."""
+    if tp is float:
+        value = _number(value)
+    elif tp == List[float] and isinstance(value, list):
+        value = [_number(v) for v in value]
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -174,7 +231,7 @@ def parse_override(text: str) -> tuple:
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: write overrides as key.sub=value, e.g. --set train.steps=50")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {text!r}: the value is not valid YAML ({err})") from None
     return key.strip().split("."), value
@@ -186,10 +243,12 @@ def load_config(path: Optional[Path], overrides: Sequence[str] = ()) -> RunConfi
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"run config {path} does not exist; pass an existing YAML file "
-                              "(configs/ has examples)")
+            what = "is a directory, not a file" if path.is_dir() else "does not exist"
+            raise ConfigError(f"run config {path} {what}; pass an existing YAML file (configs/ has examples)")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = _load_yaml(path.read_text()) or {}
+        except _DuplicateKey as err:
+            raise ConfigError(f"{path}: {err}; YAML would keep only the later one: merge them into one") from None
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: not valid YAML ({err})") from None
         _apply(cfg, values, "", str(path))
@@ -220,6 +279,8 @@ def validate(cfg: RunConfig) -> None:
                        ("eval.batch_size", cfg.eval.batch_size), ("checkpoint.keep", cfg.checkpoint.keep),
                        ("logging.interval", cfg.logging.interval)):
         _require(value >= 1, f"{key} must be >= 1; got {value}")
+    _require(cfg.run_dir.strip() != "", f"run_dir must name a directory; got {cfg.run_dir!r}, which would write the "
+             "run into the current directory; set run_dir, e.g. runs/my_run")
     _require(m.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 takes it from the data); got {m.vocab_size}")
     _require(m.d_model % m.n_heads == 0,
              f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
@@ -258,6 +319,8 @@ def validate(cfg: RunConfig) -> None:
              f"got {t.max_skipped_steps}")
     _require(t.collective_timeout_s >= 1, "train.collective_timeout_s must be >= 1 second (default 1800); "
              f"got {t.collective_timeout_s}")
+    _require(t.stop_grace_s >= 1, "train.stop_grace_s must be >= 1 second (default 25, under the scheduler's grace "
+             f"period); got {t.stop_grace_s}")
     _require(cfg.checkpoint.interval >= 0, f"checkpoint.interval must be >= 0; got {cfg.checkpoint.interval}")
 
 
@@ -277,18 +340,27 @@ _OWNED_BATCH_KEYS = {
 }
 
 
+# The blocks of a DeepSpeed JSON that are read here, by the model families and by the trainer.
+_BLOCKS = {"zero_optimization": '{"stage": 2}', "bf16": '{"enabled": true}', "fp16": '{"enabled": true}'}
+
+
 def load_ds_config(path: Path, cfg: RunConfig, world_size: int) -> dict:
     """The DeepSpeed JSON at ``path`` with the run config's batch settings filled in. What a model
     family needs of it (the ZeRO stages it works with, say) its ``ds_config`` checks and adds."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"DeepSpeed config {path} does not exist; set ds_config to one of ds_configs/*.json")
+        what = "is a directory, not a JSON file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"DeepSpeed config {path} {what}; set ds_config to one of ds_configs/*.json")
     try:
         ds = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(ds, dict):
         raise ConfigError(f"{path}: must hold a JSON object of DeepSpeed settings")
+    for block, example in _BLOCKS.items():
+        if block in ds and not isinstance(ds[block], dict):
+            raise ConfigError(f"{path}: '{block}' must be a JSON object of settings, e.g. \"{block}\": {example}; "
+                              f"got {json.dumps(ds[block])}")
     wanted = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
         "gradient_accumulation_steps": cfg.train.grad_accum,

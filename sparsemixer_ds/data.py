@@ -15,7 +15,7 @@ import sys
 import sysconfig
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
@@ -32,6 +32,10 @@ EOS_TOKEN = "<|endoftext|>"
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".json", ".jsonl")
 DTYPES = ("uint16", "uint32")
 SPLITS = ("train", "val")
+TOKENIZERS = ("bytes", "bpe")
+# What prepare does with a document that is not UTF-8 text: refuse it, keep it with U+FFFD for each
+# invalid byte, or leave it out.
+ENCODING_ERRORS = ("strict", "replace", "skip")
 
 
 class ByteTokenizer:
@@ -103,12 +107,42 @@ class BpeTokenizer:
 
 
 def read_meta(data_dir: Path) -> dict:
-    """A prepared data directory's meta.json: tokenizer, vocabulary size, token dtype, token counts."""
+    """A prepared data directory's meta.json: tokenizer, vocabulary size, token dtype, token counts.
+    A ValueError names the file and what is wrong if it lacks what the readers of the data need."""
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
         raise FileNotFoundError(f"{str(Path(data_dir))!r} has no meta.json; prepare it first: "
                                 f"sparsemixer-ds prepare --out {data_dir}")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        problem = f"is not valid JSON ({err})"
+    else:
+        problem = _meta_problem(meta)
+    if problem:
+        raise ValueError(f"{path} {problem}; it is written by `sparsemixer-ds prepare`: delete {data_dir} and "
+                         f"prepare it again (sparsemixer-ds prepare [INPUT ...] --out {data_dir})")
+    return meta
+
+
+# What the readers of a data directory need of its meta.json: key -> (test, what the value must be).
+_META_KEYS = {
+    "tokenizer": (lambda value: value in TOKENIZERS, f"one of {', '.join(TOKENIZERS)}"),
+    "vocab_size": (lambda value: type(value) is int and value >= 1, "an integer >= 1"),
+    "dtype": (lambda value: value in DTYPES, f"one of {', '.join(DTYPES)}"),
+}
+
+
+def _meta_problem(meta) -> Optional[str]:
+    """What is wrong with a parsed meta.json, or None."""
+    if not isinstance(meta, dict):
+        return f"holds a JSON {type(meta).__name__}, not an object"
+    for key, (test, wanted) in _META_KEYS.items():
+        if key not in meta:
+            return f"has no '{key}' ({wanted})"
+        if not test(meta[key]):
+            return f"has '{key}': {json.dumps(meta[key])}, not {wanted}"
+    return None
 
 
 def model_vocab_size(data_dir: Path, vocab_size: int) -> int:
@@ -116,8 +150,8 @@ def model_vocab_size(data_dir: Path, vocab_size: int) -> int:
     which must cover every token id in the data (one pass over each memory map)."""
     meta = read_meta(data_dir)
     if vocab_size == 0:
-        vocab_size = int(meta["vocab_size"])
-    elif vocab_size < int(meta["vocab_size"]):
+        vocab_size = meta["vocab_size"]
+    elif vocab_size < meta["vocab_size"]:
         raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the data's vocabulary "
                           f"({meta['vocab_size']} in {data_dir}/meta.json); set it to 0 to take the data's")
     for split in SPLITS:
@@ -131,12 +165,9 @@ def model_vocab_size(data_dir: Path, vocab_size: int) -> int:
 
 def load_tokenizer(data_dir: Path) -> Union[ByteTokenizer, BpeTokenizer]:
     """The tokenizer a prepared data directory was written with (from its meta.json)."""
-    kind = read_meta(data_dir).get("tokenizer")
-    if kind == "bytes":
+    if read_meta(data_dir)["tokenizer"] == "bytes":
         return ByteTokenizer()
-    if kind == "bpe":
-        return BpeTokenizer.from_file(Path(data_dir) / "tokenizer.json")
-    raise ValueError(f"{str(Path(data_dir) / 'meta.json')!r} names tokenizer {kind!r}; expected 'bytes' or 'bpe'")
+    return BpeTokenizer.from_file(Path(data_dir) / "tokenizer.json")
 
 
 def tokenizer_record(data_dir: Path) -> dict:
@@ -188,21 +219,50 @@ def resolve_inputs(inputs: Sequence[str]) -> List[Path]:
     return unique
 
 
-def iter_documents(paths: Iterable[Union[str, Path]], text_field: str = "text") -> Iterator[Tuple[str, str]]:
+def _decode(data: bytes, key: str, offset: int, encoding_errors: str, not_text: Optional[Set[str]]) -> Optional[str]:
+    """The UTF-8 text of document ``key`` (``data``, found at byte ``offset`` of its file), or, if it is
+    not text (invalid UTF-8, or a NUL byte: a binary file): a ValueError naming it ("strict"), the text
+    with U+FFFD for each invalid byte ("replace"), None ("skip"); its key goes into ``not_text``."""
+    nul = data.find(b"\0")
+    if nul < 0:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            problem = f"not UTF-8 text: byte 0x{data[err.start]:02x} at byte offset {offset + err.start} ({err.reason})"
+    else:
+        problem = f"a binary file, not text: a NUL byte at byte offset {offset + nul}"
+    if encoding_errors == "strict":
+        raise ValueError(f"{key}: {problem}; convert it to UTF-8 or leave it out of the inputs, or pass "
+                         "--encoding-errors skip (leaves such documents out) or replace (keeps them, with U+FFFD "
+                         "for each invalid byte)")
+    if not_text is not None:
+        not_text.add(key)
+    return data.decode("utf-8", errors="replace") if encoding_errors == "replace" else None
+
+
+def iter_documents(paths: Iterable[Union[str, Path]], text_field: str = "text", encoding_errors: str = "strict",
+                   not_text: Optional[Set[str]] = None) -> Iterator[Tuple[str, str]]:
     """Yield (key, text) per non-empty document: a plain file is one, a ``.jsonl`` line is one.
 
-    Keys are the path string, or ``f"{path}:{line_number}"`` (1-based) for jsonl lines.
+    Keys are the path string, or ``f"{path}:{line_number}"`` (1-based) for jsonl lines. A document that
+    is not UTF-8 text is refused, kept with U+FFFD replacements or left out, as ``encoding_errors``
+    (one of ENCODING_ERRORS) says; the keys of such documents are added to ``not_text``.
     """
+    if encoding_errors not in ENCODING_ERRORS:
+        raise ValueError(f"encoding_errors must be one of {', '.join(ENCODING_ERRORS)}; got {encoding_errors!r}")
     for path in map(Path, paths):
-        # newline="" keeps "\r\n" as written, so decoding the tokens gives back the file's exact text.
-        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        # Bytes, decoded here: "\r\n" stays as written, so decoding the tokens gives back the file's exact text.
+        with open(path, "rb") as f:
             if path.suffix != ".jsonl":
-                text = f.read()
+                text = _decode(f.read(), str(path), 0, encoding_errors, not_text)
                 if text:
                     yield str(path), text
                 continue
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
+            offset = 0
+            for number, raw in enumerate(f, start=1):
+                line = _decode(raw, f"{path}:{number}", offset, encoding_errors, not_text)
+                offset += len(raw)
+                if line is None or not line.strip():
                     continue
                 try:
                     obj = json.loads(line)
@@ -223,11 +283,13 @@ def _unit_hash(seed: int, key: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0 ** 64
 
 
-def _val_keys(paths: Sequence[Path], text_field: str, val_fraction: float, seed: int, progress: bool) -> set:
-    """The keys of the validation documents; a scan of the corpus that keeps only those keys."""
+def _val_keys(paths: Sequence[Path], text_field: str, val_fraction: float, seed: int, progress: bool,
+              encoding_errors: str, not_text: Set[str]) -> set:
+    """The keys of the validation documents; a scan of the corpus that keeps only those keys (and
+    refuses, or notes in ``not_text``, the documents that are not UTF-8 text)."""
     val, count, lowest, highest = set(), 0, (2.0, ""), (-1.0, "")
     for path in tqdm(paths, desc="split", unit="file", disable=not progress, file=sys.stderr):
-        for key, _ in iter_documents([path], text_field):
+        for key, _ in iter_documents([path], text_field, encoding_errors, not_text):
             h = _unit_hash(seed, key)
             count += 1
             lowest, highest = min(lowest, (h, key)), max(highest, (h, key))
@@ -245,32 +307,56 @@ def _val_keys(paths: Sequence[Path], text_field: str, val_fraction: float, seed:
     return val
 
 
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse an output directory that is a file, lies under one, or already holds prepared data."""
+    existing = out_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == out_dir else f": {existing}"
+        raise ValueError(f"output directory {out_dir}{where} is a file, not a directory; choose another --out")
+    if (out_dir / "meta.json").exists():
+        raise ValueError(f"output directory {out_dir} already holds prepared data ({out_dir / 'meta.json'}); choose "
+                         "another --out, or delete it to prepare it again")
+
+
 def prepare(inputs: Optional[Sequence[str]], out_dir: Path, tokenizer: str = "bytes", vocab_size: int = 4096,
-            val_fraction: float = 0.01, seed: int = 0, text_field: str = "text", progress: bool = True) -> dict:
+            val_fraction: float = 0.01, seed: int = 0, text_field: str = "text", progress: bool = True,
+            encoding_errors: Optional[str] = None) -> dict:
     """Tokenize a corpus into ``out_dir/{train,val}.bin`` + ``meta.json`` (+ ``tokenizer.json`` for BPE).
 
     inputs: files / directories / globs, or None for the standard library sources. tokenizer: "bytes",
     "bpe" (trained on the training documents with ``vocab_size``) or a path to a tokenizer.json.
     The split is by document and depends only on (seed, document key); the key holds the path as given
-    (see iter_documents), so the same corpus passed by another path splits differently. Returns the meta dict.
+    (see iter_documents), so the same corpus passed by another path splits differently.
+    encoding_errors: what happens to a document that is not UTF-8 text (ENCODING_ERRORS, see
+    iter_documents); None: "strict" for ``inputs``, "replace" for the standard library, whose test
+    suite holds a few sources in other encodings on purpose (4 in CPython 3.11, each declaring its
+    encoding; replacing their few non-UTF-8 bytes keeps the rest of them, and the token files the
+    same as before this option existed). Such documents are counted in meta.json
+    (``not_text_documents``). ``out_dir`` must not hold prepared data already. Returns the meta dict.
     """
     if not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be a number in [0, 1) (0.01 is usual); got {val_fraction!r}")
-    if tokenizer not in ("bytes", "bpe") and not Path(tokenizer).is_file():
+    if tokenizer not in TOKENIZERS and not Path(tokenizer).is_file():
         raise FileNotFoundError(f"tokenizer {tokenizer!r} is neither 'bytes', 'bpe' nor an existing tokenizer.json")
+    if encoding_errors is None:
+        encoding_errors = "replace" if inputs is None else "strict"
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
     paths = default_corpus() if inputs is None else resolve_inputs(inputs)
-    val = _val_keys(paths, text_field, val_fraction, seed, progress)
+    not_text: Set[str] = set()
+    val = _val_keys(paths, text_field, val_fraction, seed, progress, encoding_errors, not_text)
     if tokenizer == "bytes":
         tok = ByteTokenizer()
     elif tokenizer == "bpe":
-        tok = BpeTokenizer.train((text for key, text in iter_documents(paths, text_field) if key not in val),
-                                 vocab_size)
+        tok = BpeTokenizer.train((text for key, text in iter_documents(paths, text_field, encoding_errors)
+                                  if key not in val), vocab_size)
     else:
         tok = BpeTokenizer.from_file(tokenizer)
     dtype = "uint16" if tok.vocab_size <= 65536 else "uint32"
     np_dtype = np.dtype(dtype).newbyteorder("<")
 
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = ["train.bin", "val.bin", "meta.json"] + (["tokenizer.json"] if tok.kind == "bpe" else [])
     # Everything goes to temporary names first and is renamed at the end (meta.json last), so an
@@ -282,7 +368,7 @@ def prepare(inputs: Optional[Sequence[str]], out_dir: Path, tokenizer: str = "by
         with open(tmp["train.bin"], "wb", buffering=1 << 20) as f_train, \
                 open(tmp["val.bin"], "wb", buffering=1 << 20) as f_val:
             for path in tqdm(paths, desc="tokenize", unit="file", disable=not progress, file=sys.stderr):
-                for key, text in iter_documents([path], text_field):
+                for key, text in iter_documents([path], text_field, encoding_errors):
                     split = "val" if key in val else "train"
                     ids = tok.encode(text)
                     ids.append(tok.eos_id)
@@ -291,7 +377,8 @@ def prepare(inputs: Optional[Sequence[str]], out_dir: Path, tokenizer: str = "by
                     documents[split] += 1
         meta = {"tokenizer": tok.kind, "vocab_size": tok.vocab_size, "dtype": dtype,
                 "train_tokens": tokens["train"], "val_tokens": tokens["val"], "documents": documents,
-                "val_fraction": val_fraction, "seed": seed, "sources": len(paths), "text_field": text_field}
+                "val_fraction": val_fraction, "seed": seed, "sources": len(paths), "text_field": text_field,
+                "encoding_errors": encoding_errors, "not_text_documents": len(not_text)}
         if tok.kind == "bpe":
             tok.save(tmp["tokenizer.json"])
         tmp["meta.json"].write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

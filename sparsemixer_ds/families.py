@@ -7,6 +7,9 @@ chosen by the run config's ``model.family``. A family says, before any model exi
   into a run with the same values;
 - ``ds_config(cfg, ds, source)``: what it needs of the DeepSpeed JSON: it refuses settings it cannot
   run (a ConfigError naming ``source``) and returns the keys to add;
+- ``memory_estimate(cfg, ds, world) -> MemoryEstimate``: the training state one rank holds (weights,
+  gradients, AdamW state), for the pre-flight check that the model fits (``training_state`` does the
+  arithmetic from parameter counts);
 
 and it builds the model, ``build(cfg)``: an ``nn.Module`` with
 
@@ -20,16 +23,17 @@ and exports it: ``export_state(model)`` is the dict of tensors an export file ho
 
 Families: ``native``, this project's decoder LM on DeepSpeed's MoE layer (sparsemixer_ds.model).
 """
-from typing import Dict, List, Protocol, Tuple
+from typing import Dict, List, NamedTuple, Protocol, Tuple
 
 import torch
+from deepspeed.moe.utils import is_moe_param
 from torch import nn
 
 from .config import ConfigError, RunConfig
 from .model import LMOutput, MoELM
 from .moe import RoutingStats
 
-__all__ = ["ModelFamily", "LanguageModel", "FAMILIES", "get_family"]
+__all__ = ["ModelFamily", "LanguageModel", "MemoryEstimate", "training_state", "FAMILIES", "get_family"]
 
 
 class LanguageModel(Protocol):
@@ -42,6 +46,44 @@ class LanguageModel(Protocol):
         ...
 
 
+class MemoryEstimate(NamedTuple):
+    """The training state one rank holds, in bytes; activations and buffers are not counted."""
+    params: int  # parameters on the rank: the replicated ones plus its share of the experts
+    expert_params: int  # of which in its experts (num_experts / ep_size per MoE layer)
+    zero_stage: int
+    weights: int
+    gradients: int
+    optimizer: int  # AdamW's two moments, and the fp32 master weights DeepSpeed keeps beside them
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer
+
+
+def training_state(dense: int, expert: int, ds: dict, world: int, ep_size: int) -> MemoryEstimate:
+    """Roughly what DeepSpeed holds per rank for ``dense`` replicated parameters and ``expert`` parameters
+    of this rank's experts, trained with AdamW under the DS JSON ``ds`` on ``world`` ranks.
+
+    Weights and gradients take 2 bytes per parameter with bf16/fp16, else 4; AdamW's moments take 8,
+    plus 4 for an fp32 master copy (mixed precision, or any ZeRO stage: its optimizer works on an fp32
+    copy of its partition). ZeRO divides the optimizer state (stage >= 1) and the gradients (stage 2)
+    over the data-parallel ranks: all ``world`` ranks for the dense parameters, ``world / ep_size``
+    for the experts (each expert lives on that many ranks).
+    """
+    mixed = any(ds.get(key, {}).get("enabled") for key in ("bf16", "fp16"))
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    width = 2 if mixed else 4
+    adam = 8 + (4 if mixed or stage >= 1 else 0)
+
+    def per_rank(stage_from: int) -> float:  # parameters whose state is divided from this ZeRO stage on
+        if stage < stage_from:
+            return dense + expert
+        return dense / world + expert / (world // ep_size)
+
+    return MemoryEstimate(dense + expert, expert, stage, width * (dense + expert), int(width * per_rank(2)),
+                          int(adam * per_rank(1)))
+
+
 class ModelFamily(Protocol):
     name: str
     shape_keys: Tuple[str, ...]
@@ -50,6 +92,9 @@ class ModelFamily(Protocol):
         ...
 
     def ds_config(self, cfg: RunConfig, ds: dict, source: str) -> dict:
+        ...
+
+    def memory_estimate(self, cfg: RunConfig, ds: dict, world: int) -> MemoryEstimate:
         ...
 
     def export_state(self, model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -75,6 +120,15 @@ class NativeFamily:
             raise ConfigError(f"{source}: zero_optimization.stage={stage!r}; DeepSpeed's MoE layers work with ZeRO "
                               "stages 0, 1 and 2 only")
         return {}
+
+    def memory_estimate(self, cfg: RunConfig, ds: dict, world: int) -> MemoryEstimate:
+        """The model built on the meta device (no memory, no initialisation), its parameters counted:
+        DeepSpeed's MoE layer builds only this rank's num_experts / ep_size experts."""
+        with torch.device("meta"):
+            model = self.build(cfg)
+        expert = sum(p.numel() for p in model.parameters() if is_moe_param(p))
+        dense = sum(p.numel() for p in model.parameters()) - expert
+        return training_state(dense, expert, ds, world, cfg.moe.ep_size)
 
     def export_state(self, model: nn.Module) -> Dict[str, torch.Tensor]:
         return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}

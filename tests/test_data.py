@@ -14,7 +14,7 @@ DOCS = {
     "a.txt": "hello world\n",
     "b.md": "# Title\r\n\r\nünïcödé text with emoji 😀 and tabs\t\there\n",
     "c.py": "def f(x):\n    return x * 2  # <|endoftext|> is just text here\n",
-    "d.txt": "  leading spaces and a NUL \x00 byte\n",
+    "d.txt": "  leading spaces and control bytes \x01\x1b\x7f\n",  # a NUL byte would make it binary
     "e.rst": "Σ λ 中文 ✓\n" * 3,
     "f.txt": "",  # empty: skipped
     "g.txt": "short",
