@@ -1,14 +1,18 @@
 """Starting DeepSpeed's process group, under any launcher, without leaving anything behind on the machine."""
 import os
 import socket
+import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Optional
 
 import deepspeed
+import torch
 from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
+from torch.distributed import distributed_c10d
 
-from .config import RunError
+from .config import ConfigError, RunError
 
 SHM_DIR = Path("/dev/shm")
 
@@ -32,18 +36,93 @@ def discover_mpi() -> None:
                       MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
 
 
+def is_this_host(addr: str) -> bool:
+    """Whether ``addr`` (a host name or an IP address) names this machine: a socket can bind to it."""
+    try:
+        infos = socket.getaddrinfo(addr, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return False
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            try:
+                sock.bind((sockaddr[0], 0))
+                return True
+            except OSError:
+                continue
+    return False
+
+
+def port_unavailable(port: int) -> Optional[str]:
+    """Why a rendezvous could not listen on ``port`` of this machine (the OS's reason, such as
+    "Address already in use"), or None if it can. Probed as torch's TCPStore listens: on every
+    interface, with SO_REUSEADDR, so a port that a finished job left in TIME_WAIT counts as free."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", port))
+        except OSError as err:
+            return err.strerror
+    return None
+
+
+def check_master_port(addr: str, port: int) -> None:
+    """Refuse a rendezvous port that rank 0, on this machine, could not listen on."""
+    reason = port_unavailable(port)
+    if reason is not None:
+        raise ConfigError(f"master port {port} on {addr} cannot be used for the rendezvous ({reason}): another job "
+                          "or program holds it; pass a free port with --master-port to the launch script (MASTER_PORT "
+                          "when starting ranks by hand)")
+
+
 def init_distributed(timeout_s: float = 1800.0, verbose: bool = True) -> None:
     """``deepspeed.init_distributed`` on the accelerator's backend, with a collective timeout:
-    a collective (and the rendezvous) that waits longer than ``timeout_s`` for a rank fails."""
+    a collective (and the rendezvous) that waits longer than ``timeout_s`` for a rank fails.
+
+    Rank 0 listens on MASTER_PORT for the rendezvous, so it first checks that the port is free: taken
+    (by another job, say), the other ranks would join whatever listens there.
+    """
+    addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+    backend = get_accelerator().communication_backend_name()
+    first = not torch.distributed.is_initialized()
+    # torchrun's agent listens on MASTER_PORT itself and hands its store to the ranks.
+    if first and os.environ.get("RANK", "0") == "0" and port.isdigit() and \
+            "TORCHELASTIC_USE_AGENT_STORE" not in os.environ:
+        check_master_port(addr, int(port))
+    # DeepSpeed's CPU backend gives each rank a shared-memory segment when all ranks are on this
+    # machine, right after the rendezvous, and then waits for every other rank's. A rank that joined
+    # another job's rendezvous would wait there until killed and leave its segment behind; a barrier
+    # first proves the group is this job's, and such a rank is killed in it, before any segment exists.
+    segments = first and backend == "gloo" and os.environ.get("LOCAL_SIZE") == os.environ.get("WORLD_SIZE", "")
+    start = time.monotonic()
     try:
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                                   timeout=timedelta(seconds=timeout_s), verbose=verbose)
+        if segments:
+            torch.distributed.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+            torch.distributed.barrier()
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=verbose)
     except RuntimeError as err:  # torch.distributed's DistError and kin: a rank never came
-        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-        raise RunError(f"the ranks did not form one process group at {where} within {timeout_s:g} s ({err}); "
-                       "start every node's ranks (train.collective_timeout_s bounds the wait) and check that "
-                       "MASTER_ADDR:MASTER_PORT is rank 0's host and reachable from every node") from err
+        raise RunError(f"the ranks did not form one process group at {addr}:{port} after "
+                       f"{time.monotonic() - start:.0f} s ({err}); start every node's ranks "
+                       f"(train.collective_timeout_s={timeout_s:g} bounds the wait) and check that MASTER_ADDR:"
+                       "MASTER_PORT (--master-addr and --master-port of the launch scripts) is rank 0's host and a "
+                       "free port there, reachable from every node") from err
     release_shm_segment()
+    set_collective_timeout(timeout_s)
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """Make every collective of this process wait at most ``seconds`` for the other ranks: in the
+    process groups that exist and in those made from now on.
+
+    torch gives a group made by ``new_group(ranks)`` without a timeout its own default (30 minutes),
+    not the world group's, and DeepSpeed makes its expert-parallel, expert-data-parallel and
+    data-parallel groups that way: a rank waiting for a stopped one in a MoE all-to-all or in the
+    gradient all-reduce waited 30 minutes, whatever train.collective_timeout_s said.
+    """
+    timeout = timedelta(seconds=seconds)
+    # What new_group() without a timeout takes (torch keeps one default for NCCL, one for the other backends).
+    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
+    for group in list(distributed_c10d._world.pg_map):
+        distributed_c10d._set_pg_timeout(timeout, group)
 
 
 def shm_segment(rank: int) -> Path:
