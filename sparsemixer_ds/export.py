@@ -3,17 +3,22 @@
 DeepSpeed saves the non-expert weights once and every expert in a file of its own, named by its
 global index. Loading a checkpoint into a single-process engine with ep_size = 1 gathers all of
 them (DeepSpeed maps global expert ids onto local ones), whatever layout the run trained with.
+
+The file's metadata holds the format, the run config, the tokenizer and the SHA-256 of every tensor
+(``sha256``: a JSON object, tensor name -> hex digest), checked on load; exports written before the
+digests were added load unchecked.
 """
 import json
 import os
 import socket
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .checksums import ALGORITHM, tensor_digest
 from .config import ConfigError, RunConfig, config_dict, config_from_dict
 from .data import tokenizer_record
 from .families import get_family
@@ -60,12 +65,13 @@ def export(run_dir: Path, out_path: Path, tag: Optional[str] = None) -> Path:
     if out_path.exists():
         raise ConfigError(f"{out_path} already exists; choose another --out or remove it first")
     model, cfg = load_checkpoint_model(run_dir, tag)
+    tensors = get_family(cfg).export_state(model)
     metadata = {
         "format": EXPORT_FORMAT,
         "config": json.dumps(config_dict(cfg)),
         "tokenizer": json.dumps(tokenizer_record(Path(cfg.data.path))),
+        ALGORITHM: json.dumps({name: tensor_digest(tensor) for name, tensor in sorted(tensors.items())}),
     }
-    tensors = get_family(cfg).export_state(model)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -86,8 +92,61 @@ def load_export(path: Path) -> Tuple[torch.nn.Module, RunConfig, dict]:
         raise ConfigError(f"{path} is not a safetensors file written by sparsemixer-ds export ({err})") from None
     if metadata.get("format") != EXPORT_FORMAT:
         raise ConfigError(f"{path} is not a sparsemixer_ds export (its metadata lacks format {EXPORT_FORMAT})")
-    cfg = config_from_dict(json.loads(metadata["config"]), str(path))
+    _check_digests(path, tensors, metadata)
+    cfg = config_from_dict(_metadata_json(path, metadata, "config", dict), str(path))
+    record = _metadata_json(path, metadata, "tokenizer", dict)
     family = get_family(cfg)
     model = family.build(cfg)
-    family.load_export_state(model, tensors)
-    return model.eval(), cfg, json.loads(metadata["tokenizer"])
+    try:
+        family.load_export_state(model, tensors)
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise ConfigError(f"{path}: its tensors do not fit the model its config describes ("
+                          f"{_misfit(family.export_state(model), tensors) or str(err).splitlines()[0]}); export "
+                          "the checkpoint again with sparsemixer-ds export") from None
+    return model.eval(), cfg, record
+
+
+_REEXPORT = "export the checkpoint again with sparsemixer-ds export"
+
+
+def _metadata_json(path: Path, metadata: dict, key: str, kind: type):
+    """A JSON value of the export's metadata, or a ConfigError naming the file and the key."""
+    if key not in metadata:
+        raise ConfigError(f"{path}: its metadata has no {key!r}, which every export holds; {_REEXPORT}")
+    try:
+        value = json.loads(metadata[key])
+    except ValueError as err:
+        raise ConfigError(f"{path}: its metadata's {key!r} is not JSON ({err}); {_REEXPORT}") from None
+    if not isinstance(value, kind):
+        raise ConfigError(f"{path}: its metadata's {key!r} is a {type(value).__name__}, not a {kind.__name__}; "
+                          f"{_REEXPORT}")
+    return value
+
+
+def _check_digests(path: Path, tensors: Dict[str, torch.Tensor], metadata: dict) -> None:
+    """Compare every tensor with the digest the export recorded for it (none recorded: an earlier export)."""
+    if ALGORITHM not in metadata:
+        return
+    recorded = _metadata_json(path, metadata, ALGORITHM, dict)
+    differ = sorted(name for name in tensors.keys() & recorded.keys() if tensor_digest(tensors[name]) != recorded[name])
+    missing, extra = sorted(recorded.keys() - tensors.keys()), sorted(tensors.keys() - recorded.keys())
+    problems = [f"{_names(names)} {what}" for names, what in
+                ((differ, f"changed since export (their {ALGORITHM} differs from the one recorded)"),
+                 (missing, "recorded at export but missing"), (extra, "not there at export")) if names]
+    if problems:
+        raise ConfigError(f"{path} is damaged: tensors {'; '.join(problems)}; copy the file again or {_REEXPORT}")
+
+
+def _misfit(want: Dict[str, torch.Tensor], got: Dict[str, torch.Tensor]) -> str:
+    """How a file's tensors differ from the ones a model holds: names missing, names unexpected, shapes."""
+    shapes = [f"{name} is {tuple(got[name].shape)}, the config makes {tuple(want[name].shape)}"
+              for name in sorted(want.keys() & got.keys()) if got[name].shape != want[name].shape]
+    parts = [f"{label} {_names(names)}" for label, names in
+             (("missing", sorted(want.keys() - got.keys())), ("unexpected", sorted(got.keys() - want.keys())))
+             if names]
+    return "; ".join(parts + shapes[:3] + ([f"and {len(shapes) - 3} more shapes differ"] if len(shapes) > 3 else []))
+
+
+def _names(names) -> str:
+    names = list(names)
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")

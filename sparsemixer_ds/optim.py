@@ -72,3 +72,10 @@ def build_optimizer(model: nn.Module, cfg: RunConfig, total: int,
     adamw = GuardedAdamW if guarded else torch.optim.AdamW
     optimizer = adamw(optimizer_param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg, total))
+
+
+def apply_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set each parameter group's learning rate to ``scheduler``'s value at the step it is at: after a
+    checkpoint restored the optimizer's last rate, which came from the run's schedule at saving time."""
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)

@@ -70,7 +70,7 @@ def test_resume_refuses_checkpoints_of_another_model_shape(tmp_path, corpus):
     fake_run(tmp_path / "run", config(tmp_path, corpus, "model.d_model=64", "model.vocab_size=257"))
     with pytest.raises(ConfigError) as err:
         preflight(config(tmp_path, corpus), world=2, resume=True)
-    assert "of another model shape (model.d_model: 64 in the checkpoint, 32 now)" in str(err.value)
+    assert "of another model shape (model.d_model: 64 in the run, 32 now)" in str(err.value)
     assert not (tmp_path / "run" / "ds_config.json").exists(), "a refused resume writes nothing"
     # The same shape with another layout (ep_size) or schedule is fine.
     same_shape = config(tmp_path, corpus, "model.d_model=64", "moe.ep_size=1", "train.steps=99")

@@ -320,3 +320,55 @@ def test_an_export_written_by_earlier_code_loads_and_computes_what_it_did():
     sampled = cli("generate", "--export", str(OLD_EXPORT), "--prompt", "import ", "--tokens", "40", "--temperature",
                   "0.8", "--seed", "3")
     assert sampled.endswith("import \n                             s_'ae(eeeT\n")
+
+
+def check_resume(run_dir, corpus, *overrides):
+    return subprocess.run([sys.executable, "-m", "sparsemixer_ds.cli", "check", "--world-size", "2", "--resume",
+                           "--config", str(REPO / "configs" / "cpu_small.yaml"), "--set", f"run_dir={run_dir}",
+                           "--set", f"data.path={corpus}", "--set", f"ds_config={REPO / 'ds_configs' / 'cpu.json'}"]
+                          + set_args(*FINISHED, *overrides), cwd=REPO, env=launch_env(), capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_resume_refuses_settings_that_fix_the_trajectory_and_writes_nothing(tmp_path, corpus, finished_run):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    before = (run_dir / "config.yaml").read_bytes()
+    proc = check_resume(run_dir, corpus, "train.lr=0.03", "train.seed=7", "moe.jitter_eps=0.2")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"--resume: {run_dir / 'config.yaml'} fixes these settings for the run, and they differ (" in proc.stderr
+    for said in ("train.lr: 0.01 in the run, 0.03 now", "train.seed: 0 in the run, 7 now",
+                 "moe.jitter_eps: 0.1 in the run, 0.2 now"):
+        assert said in proc.stderr, proc.stderr
+    assert "start a new run with another run_dir" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert (run_dir / "config.yaml").read_bytes() == before, "config.yaml still says what the run uses"
+    # What only watches or lays out the run may change.
+    proc = check_resume(run_dir, corpus, "eval.interval=2", "logging.interval=3", "train.stop_grace_s=20")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--resume: eval.interval: 4 in the run, 2 now: applied" in proc.stderr
+    proc = check_resume(run_dir, corpus, "train.steps=6")
+    assert proc.returncode == 2 and "step_00000008 is at step 8, and the run would now end at step 6" in proc.stderr
+
+
+def test_a_longer_run_on_resume_recomputes_the_schedule_as_it_says(tmp_path, corpus, finished_run):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    proc = launch(run_dir, corpus, *FINISHED, "train.steps=12", resume=True)
+    lr, warmup, floor = 0.01, 2, 0.1  # TINY's train.lr and train.warmup_steps, the default min_lr_ratio
+
+    def schedule(step, total):  # linear warm-up, then cosine to lr * floor at the end of the run
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1, (step - warmup) / (total - warmup)))))
+
+    assert (f"the run's length changes from 8 to 12 steps (train.steps: 8 in the run, 12 now): the learning-rate "
+            f"schedule (warm-up, then cosine to the end) is recomputed over 12 steps, so from step 8 on the learning "
+            f"rate is {schedule(8, 12):.4g} where it would have been {schedule(8, 8):.4g}") in proc.stderr
+    logged = [m for m in run_metrics(run_dir) if "lr" in m and m["step"] > 8]
+    assert [m["step"] for m in logged] == [9, 10, 11, 12]
+    for m in logged:  # the rate after step s is the schedule's at s
+        assert m["lr"] == pytest.approx(schedule(m["step"], 12), rel=1e-9)
+    assert "steps: 12" in (run_dir / "config.yaml").read_text()
+    starts = sorted((run_dir / "starts").glob("start_*.yaml"))
+    assert [p.name for p in starts] == ["start_001.yaml", "start_002.yaml"]
+    assert "steps: 8" in starts[0].read_text() and '"resumed_from": "step_00000008"' in starts[1].read_text()
