@@ -139,9 +139,18 @@ hostfile_world() {
 launch_tmp() {
   if [[ -z "${LAUNCH_TMP:-}" ]]; then
     LAUNCH_TMP=$(mktemp -d)
-    trap 'rm -rf "$LAUNCH_TMP"' EXIT
   fi
 }
+
+# On exit: this launch's files go, and so does the run directory's lock if the script still holds it
+# (the ranks never took it over: the launch failed before they started).
+cleanup() {
+  [[ -z "${LAUNCH_TMP:-}" ]] || rm -rf "$LAUNCH_TMP"
+  if [[ -n "${LOCK_FILE:-}" ]] && grep -q "\"pid\": $$," "$LOCK_FILE" 2>/dev/null; then
+    rm -f "$LOCK_FILE"
+  fi
+}
+trap cleanup EXIT
 
 # write_hostfile NPROC HOST...: HOSTFILE, a generated hostfile with NPROC slots on each HOST, then read it.
 write_hostfile() {
@@ -164,18 +173,60 @@ setup_env() {
   command -v python >/dev/null || die "no python on PATH; run 'make setup' first"
 }
 
-# preflight WORLD: the run's configs, data and run directory checked for WORLD ranks, before any starts.
+# preflight WORLD [MASTER_ADDR [LOCK]]: the run's configs, data and run directory checked for WORLD ranks,
+# before any starts; the rendezvous port checked where MASTER_ADDR is this host. Unless --dry-run or LOCK=0,
+# the script takes the run directory's lock (one run per directory), which rank 0 takes over;
+# SPARSEMIXER_RUN_TOKEN tells the launch's own processes from another launch's.
 preflight() {
-  python -m sparsemixer_ds.cli check --config "$CONFIG" --world-size "$1" "${TRAIN_ARGS[@]}" >&2 ||
+  local args=(--config "$CONFIG" --world-size "$1") out
+  [[ -z "${2:-}" ]] || args+=(--master-addr "$2" --master-port "$MASTER_PORT_OPT")
+  export SPARSEMIXER_RUN_TOKEN=${SPARSEMIXER_RUN_TOKEN:-"$(hostname)-$$-$(date +%s%N)"}
+  [[ $DRY_RUN == 1 || "${3:-1}" == 0 ]] || args+=(--lock)
+  out=$(python -m sparsemixer_ds.cli check "${args[@]}" "${TRAIN_ARGS[@]}") ||
     die "refusing to launch: fix the error above"
+  echo "$out" >&2
+  LOCK_FILE=$(sed -n 's/^lock: //p' <<<"$out")
 }
 
-# run_cmd CMD...: print it (--dry-run) or run it.
+# run_cmd CMD...: print it (--dry-run) or run it to its end. TERM, INT or HUP to this script (preemption,
+# Ctrl-C, a closed terminal) reaches the job's ranks as SIGTERM: each finishes its step, saves a checkpoint
+# and exits (sparsemixer_ds/stop.py), and the script exits with the launcher's code once they have; where
+# the ranks are not this script's descendants (srun's tasks, pdsh's remote nodes) the launcher passes it on.
 run_cmd() {
   if [[ $DRY_RUN == 1 ]]; then
     printf '%q ' "$@"
     echo
-  else
-    "$@"
+    return
   fi
+  "$@" &
+  JOB_PID=$!
+  trap stop_job TERM INT HUP
+  local rc
+  while :; do
+    wait "$JOB_PID" && rc=0 || rc=$?
+    kill -0 "$JOB_PID" 2>/dev/null || return "$rc"  # else a trapped signal interrupted the wait
+  done
+}
+
+stop_job() {
+  local ranks
+  ranks=$(rank_pids "$JOB_PID")
+  echo "$LAUNCH_NAME: stopping: each rank saves a checkpoint and exits (train.stop_grace_s bounds it)" >&2
+  # shellcheck disable=SC2086  # one pid per word
+  kill -TERM ${ranks:-$JOB_PID} 2>/dev/null || true
+}
+
+# rank_pids PID: the training ranks among PID's descendants on this host.
+rank_pids() {
+  local child argv
+  for child in $(pgrep -P "$1"); do
+    argv=()
+    mapfile -d '' -t argv <"/proc/$child/cmdline" 2>/dev/null || true
+    # python [-u] -m sparsemixer_ds.cli train (mpirun's and DeepSpeed's command lines hold it too)
+    if [[ "${argv[0]:-}" == *python* && " ${argv[*]} " == *" -m sparsemixer_ds.cli train "* ]]; then
+      echo "$child"
+    else
+      rank_pids "$child"
+    fi
+  done
 }

@@ -23,13 +23,14 @@ nodes=${NODES:-${#HOSTS[@]}}
 hostfile_world "$nodes" "$NPROC"
 master=${MASTER_ADDR_OPT:-${HOSTS[0]}}
 setup_env "$repo"
-preflight "$WORLD"
+preflight "$WORLD" "$master"
 
 # DeepSpeed forwards only a few variable prefixes to the other nodes; the rest goes in an env file.
 launch_tmp
 env_file=$LAUNCH_TMP/env
 {
   echo "PATH=$PATH"
+  echo "SPARSEMIXER_RUN_TOKEN=$SPARSEMIXER_RUN_TOKEN"
   [[ -z "${DS_ACCELERATOR:-}" ]] || echo "DS_ACCELERATOR=$DS_ACCELERATOR"
 } >"$env_file"
 export DS_ENV_FILE=$env_file

@@ -14,5 +14,5 @@ usage() {
 parse_args "config ds-config nproc master-port dry-run" "$@"
 NPROC=${NPROC:-2}
 setup_env "$repo"
-preflight "$NPROC"
+preflight "$NPROC" 127.0.0.1
 run_cmd deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT_OPT" --no_local_rank --module "${TRAIN[@]}"

@@ -31,7 +31,7 @@ else
 fi
 hostfile_world
 setup_env "$repo"
-preflight "$WORLD"
+preflight "$WORLD" "$master"
 
 mpi_args=()
 [[ $EUID != 0 ]] || mpi_args+=(--allow-run-as-root)  # Open MPI refuses root unless told
@@ -40,7 +40,7 @@ mpi_args=()
 [[ " ${MPIRUN_ARGS[*]} " == *" --bind-to "* ]] || mpi_args+=(--bind-to none)
 mpi_args+=("${MPIRUN_ARGS[@]}")
 # What every rank needs from here, remote hosts included (mpirun forwards nothing else by itself).
-mpi_args+=(-x PATH -x "MASTER_ADDR=$master" -x "MASTER_PORT=$MASTER_PORT_OPT")
+mpi_args+=(-x PATH -x "MASTER_ADDR=$master" -x "MASTER_PORT=$MASTER_PORT_OPT" -x SPARSEMIXER_RUN_TOKEN)
 [[ -z "${DS_ACCELERATOR:-}" ]] || mpi_args+=(-x "DS_ACCELERATOR=$DS_ACCELERATOR")
 [[ $DRY_RUN == 0 ]] || echo "# hostfile $HOSTFILE: $(paste -sd, "$HOSTFILE")"
 if [[ $VIA_DEEPSPEED == 1 ]]; then

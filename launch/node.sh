@@ -29,7 +29,9 @@ fi
 (( NODE_RANK < ${#HOSTS[@]} )) || die "--node-rank $NODE_RANK is out of range: the hostfile lists ${#HOSTS[@]} nodes"
 hostfile_world
 setup_env "$repo"
-preflight "$WORLD"
+# Node 0 hosts the rendezvous and takes the run directory's lock; every node's ranks share the token.
+export SPARSEMIXER_RUN_TOKEN=${SPARSEMIXER_RUN_TOKEN:-"nodes-$MASTER_ADDR_OPT:$MASTER_PORT_OPT"}
+if [[ $NODE_RANK == 0 ]]; then preflight "$WORLD" "$MASTER_ADDR_OPT"; else preflight "$WORLD" "" 0; fi
 [[ $DRY_RUN == 0 ]] || echo "# hostfile $HOSTFILE: $(paste -sd, "$HOSTFILE")"
 run_cmd deepspeed --no_ssh --node_rank "$NODE_RANK" --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR_OPT" \
   --master_port "$MASTER_PORT_OPT" --no_local_rank --module "${TRAIN[@]}"

@@ -7,6 +7,7 @@
     sparsemixer-ds generate --export runs/cpu_small/model.safetensors --prompt "def main("
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -18,17 +19,21 @@ def _prepare(args: argparse.Namespace) -> None:
     from .data import prepare
     meta = prepare(args.inputs or None, Path(args.out), tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                    val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field,
-                   progress=not args.quiet)
+                   progress=not args.quiet, encoding_errors=args.encoding_errors)
+    not_text = meta["not_text_documents"]
+    handled = "left out" if meta["encoding_errors"] == "skip" else "kept with U+FFFD for each invalid byte"
     print(f"{args.out}: {meta['train_tokens']:,} training and {meta['val_tokens']:,} validation tokens "
-          f"({meta['tokenizer']} tokenizer, vocabulary {meta['vocab_size']})")
+          f"({meta['tokenizer']} tokenizer, vocabulary {meta['vocab_size']})"
+          + (f"; {not_text:,} document(s) not UTF-8 text {handled} (--encoding-errors {meta['encoding_errors']})"
+             if not_text else ""))
 
 
 def _train(args: argparse.Namespace) -> None:
     from .config import load_config
     from .train import summary, train
-    cfg = load_config(Path(args.config) if args.config else None, args.set)
-    last = train(cfg, resume=args.resume)
     from deepspeed import comm as dist
+    cfg = load_config(Path(args.config) if args.config else None, args.set)
+    last = train(cfg, resume=args.resume_tag or args.resume)
     if dist.get_rank() == 0:
         print(summary(cfg, last), flush=True)
 
@@ -36,8 +41,25 @@ def _train(args: argparse.Namespace) -> None:
 def _check(args: argparse.Namespace) -> None:
     from .config import load_config, total_steps
     from .train import preflight
+    if args.world_size < 1:
+        raise ConfigError(f"--world-size must be >= 1 (the ranks the launch will start); got {args.world_size}")
+    if args.master_port is not None:
+        from .comm import check_master_port, is_this_host
+        if not 1 <= args.master_port <= 65535:
+            raise ConfigError(f"--master-port must be a TCP port, 1 to 65535; got {args.master_port}")
+        if is_this_host(args.master_addr):  # rank 0 listens there; another host's ports are not visible here
+            check_master_port(args.master_addr, args.master_port)
     cfg = load_config(Path(args.config) if args.config else None, args.set)
-    preflight(cfg, args.world_size, args.resume)
+    plan = preflight(cfg, args.world_size, args.resume_tag or args.resume)
+    if plan.resume_tag is not None:
+        from .rundir import RunDir
+        run = RunDir(cfg.run_dir)
+        run.verified.update((state.tag, state) for state in plan.checkpoints)
+        print(run.listing(plan.resume_tag))
+    if args.lock:
+        from .runlock import RunLock, launch_token
+        lock = RunLock(cfg.run_dir, launch_token(), "launch script", pid=os.getppid()).acquire()
+        print(f"lock: {lock.path}")
     print(f"ok: {args.world_size} ranks, {args.world_size // cfg.moe.ep_size} expert-parallel group(s) of "
           f"{cfg.moe.ep_size}, {cfg.moe.num_experts} experts per MoE layer, {total_steps(cfg, args.world_size)} "
           f"steps, run_dir {cfg.run_dir}")
@@ -50,8 +72,17 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    import math
+
     import torch
 
+    if args.tokens < 0:
+        raise ConfigError(f"--tokens must be >= 0 (new tokens to sample); got {args.tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ConfigError(f"--temperature must be a finite number >= 0 (0: greedy, 1: the model's own "
+                          f"distribution); got {args.temperature}")
+    if args.top_k < 0:
+        raise ConfigError(f"--top-k must be >= 0 (0: sample among all tokens); got {args.top_k}")
     from .data import BpeTokenizer, ByteTokenizer, tokenizer_record
     from .export import load_checkpoint_model, load_export
     if args.export:
@@ -83,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
     p.add_argument("--text-field", default="text", help="the text field of JSONL records")
+    p.add_argument("--encoding-errors", choices=("strict", "replace", "skip"),
+                   help="a document that is not UTF-8 text (or holds a NUL byte): strict refuses it, replace keeps "
+                        "it with U+FFFD for each invalid byte, skip leaves it out; replaced and skipped ones are "
+                        "counted (default: strict; replace for the stdlib sources)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_prepare)
 
@@ -90,14 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML run config (configs/*.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=50 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run_dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest intact checkpoint in run_dir (damaged newer ones are skipped)")
+    p.add_argument("--resume-tag", metavar="TAG",
+                   help="continue from exactly this checkpoint, e.g. step_00000400, or stop if it is damaged "
+                        "(implies --resume)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("check", help="check a run's configs, data and run directory for a world size; start nothing")
     p.add_argument("--config", help="YAML run config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for train")
-    p.add_argument("--resume", action="store_true", help="as for train")
+    p.add_argument("--resume", action="store_true", help="as for train; lists the checkpoints and their state")
+    p.add_argument("--resume-tag", metavar="TAG", help="as for train")
     p.add_argument("--world-size", type=int, required=True, help="total number of ranks the launch will start")
+    p.add_argument("--lock", action="store_true",
+                   help="take run_dir's lock for the launch that runs this check (the parent process), until its "
+                        "rank 0 takes it over (the launch scripts do)")
+    p.add_argument("--master-addr", default="127.0.0.1", help="rank 0's host, where the ranks meet")
+    p.add_argument("--master-port", type=int,
+                   help="the port they meet at: refused if MASTER_ADDR is this host and the port is not free here")
     p.set_defaults(func=_check)
 
     p = sub.add_parser("export", help="a checkpoint -> one consolidated file (all experts) + config")
@@ -128,10 +174,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"sparsemixer-ds {args.command}: error: {err}", file=sys.stderr)
         return 2
     except RunError as err:
-        sys.stderr.write(f"sparsemixer-ds {args.command}: stopped: {err}\n")  # one write: ranks share the stream
-        return 1
+        if str(err):
+            sys.stderr.write(f"sparsemixer-ds {args.command}: stopped: {err}\n")  # one write: ranks share the stream
+        return getattr(err, "exit_code", 1)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # How a rank ends (python -m sparsemixer_ds.cli under a launcher): everything it writes is written and
+    # flushed by now; the interpreter's own finalization could still abort in the C++ destructors of
+    # gloo's connections to ranks that have exited already (SIGABRT, "terminate called without an
+    # active exception") and replace the exit code.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -7,6 +7,7 @@ Records, by the keys they carry:
     {"step", "val_loss", "val_ppl"}                     every eval.interval steps and at the end
     {"step", "resumed": true, "val_loss", "val_ppl"}    the loaded model, first thing after a resume
     {"step", "skipped_steps", "stopped": "non-finite"}  a run stopped by train.max_skipped_steps
+    {"step", "stopped": "SIGTERM"}                      a run stopped on request (the signal or the reason)
 """
 import json
 import math

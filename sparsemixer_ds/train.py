@@ -11,8 +11,9 @@ import math
 import os
 import socket
 import sys
+import time
 from pathlib import Path
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import deepspeed
 import numpy as np
@@ -26,8 +27,11 @@ from .config import ConfigError, RunConfig, RunError, load_ds_config, total_step
 from .data import Batches, eval_batches, model_vocab_size, open_split
 from .families import get_family
 from .metrics import Metrics, Throughput, all_mean
-from .optim import build_optimizer
-from .rundir import RunDir, tag_name
+from .optim import apply_schedule, build_optimizer
+from .rundir import RunDir, TagState, tag_name
+from .runlock import RunLock, check_lock, launch_token
+from .stop import StopRequest, Stopped
+from .watchdog import Watchdog
 
 EVAL_STREAM = 1 << 30  # the seed stream of evaluations, apart from every micro-step's
 
@@ -69,26 +73,38 @@ class Plan(NamedTuple):
     """What pre-flight checks settled before any rank does work."""
     ds_config: dict
     resume_tag: Optional[str]
+    checkpoints: Tuple[TagState, ...] = ()  # the tags verified to choose resume_tag
+    changes: Tuple[str, ...] = ()  # the settings a resume changes, said as they happen
 
 
-def preflight(cfg: RunConfig, world: int, resume: bool) -> Plan:
+def preflight(cfg: RunConfig, world: int, resume: Union[bool, str]) -> Plan:
     """Every check that needs files but no processes: run by each rank before training, and by
-    ``sparsemixer-ds check`` before a launch script starts any rank. Fills in model.vocab_size."""
+    ``sparsemixer-ds check`` before a launch script starts any rank. Fills in model.vocab_size.
+    ``resume``: False, True (the newest intact checkpoint) or a tag (exactly that one, --resume-tag);
+    the checkpoint is verified here, and what was passed over is said once (rank 0, or check)."""
     family = get_family(cfg)
     if world % cfg.moe.ep_size:
         raise ConfigError(f"world size {world} is not divisible by moe.ep_size={cfg.moe.ep_size}; "
                           f"launch a multiple of {cfg.moe.ep_size} processes or change moe.ep_size")
     ds_config = load_ds_config(Path(cfg.ds_config), cfg, world)
     ds_config.update(family.ds_config(cfg, ds_config, cfg.ds_config))
+    from .machine import check_memory, check_precision
+    check_precision(ds_config, cfg.ds_config)
     try:
         cfg.model.vocab_size = model_vocab_size(Path(cfg.data.path), cfg.model.vocab_size)
     except FileNotFoundError as err:
         raise ConfigError(f"data.path: {err}") from None
+    check_memory(family.memory_estimate(cfg, ds_config, world), world, cfg.moe.ep_size, cfg.ds_config)
     loaders(cfg, 0, world)
+    check_lock(cfg.run_dir, launch_token())  # before the run directory's state: a running run writes it
     run = RunDir(cfg.run_dir)
-    resume_tag = run.check(cfg, resume, family.shape_keys)
+    resume_tag = run.check(cfg, resume)
+    changes = run.resume_changes(cfg, family.shape_keys, resume_tag, world) if resume_tag is not None else []
+    if resume_tag is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+        for line in run.notes(resume_tag) + [f"--resume: {change}" for change in changes]:
+            print(line, file=sys.stderr, flush=True)
     run.fill_monitor_paths(ds_config)
-    return Plan(ds_config, resume_tag)
+    return Plan(ds_config, resume_tag, tuple(run.verified.values()), tuple(changes))
 
 
 class Trainer:
@@ -102,7 +118,9 @@ class Trainer:
         self.run = RunDir(cfg.run_dir)
         dist.barrier()  # every rank has checked its inputs before rank 0 writes anything
         if self.rank == 0:
-            self.run.write_configs(cfg, plan.ds_config)
+            self.run.write_configs(cfg, plan.ds_config, {
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "world_size": self.world,
+                "resumed_from": plan.resume_tag, "changes": list(plan.changes)})
         print(f"[rank {self.rank}/{self.world}] host {socket.gethostname()}, local rank "
               f"{os.environ.get('LOCAL_RANK', '0')}, expert-parallel group {self.rank // cfg.moe.ep_size} of size "
               f"{cfg.moe.ep_size}", flush=True)
@@ -134,8 +152,10 @@ class Trainer:
         start = 0
         if resume_tag is not None:
             start, self.skipped = self.run.restore(self.engine, self.scheduler, resume_tag, self.rank)
+            apply_schedule(self.scheduler)  # this run's schedule, should its length have changed
             if self.rank == 0:
                 self.run.remove_partial_checkpoints()
+                self.run.set_aside_newer(resume_tag)
             # The model as loaded, on this run's layout: comparable with the saved run's evaluation at this step.
             result = evaluate(self.engine, self.val_batches, self.cfg.train.seed, start, self.rank, self.device)
             self.metrics.write({"step": start, "resumed": True, **result})
@@ -187,6 +207,21 @@ class Trainer:
                        f"{self.run.checkpoints / tag_name(done)}. Lower train.lr, raise train.warmup_steps or "
                        "set train.grad_clip, or check the data at these steps; --resume continues after them")
 
+    def stop(self, done: int, request: StopRequest) -> None:
+        """A stop was asked for: save this step (all ranks are at it) and stop with the signal's code."""
+        tags = self.run.tags()
+        request.deadline_note = (f"; --resume continues from {self.run.checkpoints / tags[-1]}" if tags else
+                                 "; there is no checkpoint yet: start again without --resume")
+        self.progress.close()
+        self.save(done)
+        self.metrics.write({"step": done, "stopped": request.reason})
+        if self.rank == 0:
+            sys.stderr.write(f"sparsemixer-ds train: stopped: at step {done} on request ({request.reason}); saved "
+                             f"{self.run.checkpoints / tag_name(done)}. Continue with the same command plus --resume\n")
+            sys.stderr.flush()
+        dist.barrier()  # the message is out before any rank exits: a launcher may end the others then
+        raise Stopped("", 128 + request.signum)
+
     def validate(self, done: int) -> None:
         result = evaluate(self.engine, self.val_batches, self.cfg.train.seed, done, self.rank, self.device)
         self.metrics.evaluation(done, result)
@@ -210,26 +245,42 @@ class Trainer:
         return self.last
 
 
-def train(cfg: RunConfig, resume: bool = False) -> dict:
+def train(cfg: RunConfig, resume: Union[bool, str] = False) -> dict:
     """Train ``cfg`` on the ranks the launcher started; returns the final metrics (on every rank)."""
     discover_mpi()
     init_distributed(cfg.train.collective_timeout_s)
-    plan = preflight(cfg, dist.get_world_size(), resume)
-    trainer = Trainer(cfg, plan)
-    for step in range(trainer.begin(plan.resume_tag), trainer.total):
-        done = step + 1
-        log_now = trainer.due(cfg.logging.interval, done)
-        losses = trainer.train_step(step, record_routing=log_now)
-        if log_now:
-            trainer.log(done, losses)
-        with trainer.throughput.paused():  # evaluation and checkpoints do not count against tokens/s
-            trainer.stop_if_failing(done)
-            if trainer.due(cfg.eval.interval, done):
-                trainer.validate(done)
-            if trainer.due(cfg.checkpoint.interval, done):
-                trainer.save(done)
-        trainer.end_step(done)
-    return trainer.finish()
+    watchdog = Watchdog.start(cfg.train.collective_timeout_s)  # a stalled rank ends the job, named
+    request = StopRequest(cfg.train.stop_grace_s, dist.get_rank())
+    lock = RunLock(cfg.run_dir, launch_token(), "rank 0 of sparsemixer-ds train")
+    try:
+        plan = preflight(cfg, dist.get_world_size(), resume)
+        if dist.get_rank() == 0:
+            lock.acquire().keep_fresh()  # the launch script's lock passes to the run, or a bare launch takes it
+        trainer = Trainer(cfg, plan)
+        for step in range(trainer.begin(plan.resume_tag), trainer.total):
+            done = step + 1
+            watchdog.mark(done, "train step")
+            log_now = trainer.due(cfg.logging.interval, done)
+            losses = trainer.train_step(step, record_routing=log_now)
+            if log_now:
+                trainer.log(done, losses)
+            with trainer.throughput.paused():  # evaluation and checkpoints do not count against tokens/s
+                if request.agreed(trainer.device):
+                    trainer.stop(done, request)
+                trainer.stop_if_failing(done)
+                if trainer.due(cfg.eval.interval, done):
+                    watchdog.mark(done, "evaluation")
+                    trainer.validate(done)
+                if trainer.due(cfg.checkpoint.interval, done):
+                    watchdog.mark(done, "checkpoint save")
+                    trainer.save(done)
+            trainer.end_step(done)
+        watchdog.mark(trainer.total, "finish")
+        return trainer.finish()
+    finally:
+        request.close()
+        lock.release()
+        watchdog.stop()
 
 
 def summary(cfg: RunConfig, last: dict) -> str:

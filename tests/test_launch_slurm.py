@@ -88,9 +88,9 @@ class Cluster:
         return wait_for(lambda: (info := self.job(job_id)) and info.get("JobState") in FINAL_STATES and info,
                         timeout, f"job {job_id} to finish", details)
 
-    def submit(self, output: Path, *script_args: str) -> str:
+    def submit(self, output: Path, *script_args: str, sbatch: tuple = ()) -> str:
         out = self.run("sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", f"--output={output}",
-                       f"--chdir={REPO}", str(SCRIPT.relative_to(REPO)), *script_args)
+                       f"--chdir={REPO}", *sbatch, str(SCRIPT.relative_to(REPO)), *script_args)
         return out.strip().split(";")[0]
 
 
@@ -305,3 +305,44 @@ def test_dry_run_prints_the_srun_command_and_refusals_are_clear(tmp_path, corpus
         proc.stderr
     proc = script("--dry-run", "--", *train, SLURM_NTASKS="3")
     assert proc.returncode == 2 and "give every node the same number of tasks" in proc.stderr, proc.stderr
+
+
+def test_scancel_stops_the_ranks_with_a_checkpoint(slurm, tmp_path, corpus):
+    output = tmp_path / "slurm-%j.out"
+    run_dir = tmp_path / "preempted-run"
+    job_id = slurm.submit(output, "--master-port", str(free_port()), "--", *set_args(
+        f"run_dir={run_dir}", f"data.path={corpus}", "train.steps=100000", "checkpoint.interval=0"))
+    output = tmp_path / f"slurm-{job_id}.out"
+    metrics = run_dir / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(run_metrics(run_dir)) >= 2, 180, "training steps",
+             lambda: f"{slurm.job(job_id)}\n{output.read_text() if output.exists() else ''}")
+    slurm.run("scancel", job_id)
+    cancelled = time.monotonic()
+    info = slurm.wait_done(job_id, 60, output)
+    text = output.read_text()
+    assert info["JobState"] == "CANCELLED", f"{info}\n{text[-4000:]}"
+    wait_for(lambda: not processes(str(run_dir)), 30, "the job's processes to end", lambda: str(processes(str(run_dir))))
+    assert time.monotonic() - cancelled < 25 + 10, "within train.stop_grace_s (25) and SLURM's KillWait"
+    stopped = run_metrics(run_dir)[-1]
+    assert stopped["stopped"] == "SIGTERM", stopped
+    assert (run_dir / "checkpoints" / f"step_{stopped['step']:08d}" / "COMPLETE").is_file()
+    assert f"stopped: at step {stopped['step']} on request (SIGTERM)" in text, text[-4000:]
+
+
+def test_a_job_near_its_time_limit_is_signalled_and_saves(slurm, tmp_path, corpus):
+    # slurm.sbatch asks for SIGTERM 120 s before the limit: with 3 minutes, one minute in.
+    output = tmp_path / "slurm-%j.out"
+    run_dir = tmp_path / "timed-run"
+    submitted = time.monotonic()
+    job_id = slurm.submit(output, "--master-port", str(free_port()), "--", *set_args(
+        f"run_dir={run_dir}", f"data.path={corpus}", "train.steps=100000", "checkpoint.interval=0",
+        "logging.interval=50"), sbatch=("--time=3",))
+    output = tmp_path / f"slurm-{job_id}.out"
+    info = slurm.wait_done(job_id, 170, output)
+    text = output.read_text()
+    assert time.monotonic() - submitted < 170, "ended before the time limit"
+    assert info["JobState"] != "TIMEOUT", f"{info}\n{text[-4000:]}"
+    stopped = run_metrics(run_dir)[-1]
+    assert stopped["stopped"] == "SIGTERM", f"{stopped}\n{text[-4000:]}"
+    assert (run_dir / "checkpoints" / f"step_{stopped['step']:08d}" / "COMPLETE").is_file()
+    assert f"stopped: at step {stopped['step']} on request (SIGTERM)" in text, text[-4000:]
