@@ -25,7 +25,7 @@ ARGS ?=
 # What the launch tests run for real: sshd + pdsh (hostfile launch), a one-node SLURM cluster with munge.
 SYSTEM_PACKAGES := openssh-server openssh-client pdsh slurmctld slurmd slurm-client munge
 
-.PHONY: setup system-deps test bench study study-long pretrain clean
+.PHONY: setup system-deps test test-fast bench study study-long pretrain clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,12 @@ system-deps:
 
 test: setup system-deps
 	$(BIN)/python -m pytest -q tests
+
+# For iterating: the tests that start no process (the estimator, gates, model, configs, data, pre-flight).
+FAST_TESTS := tests/test_routing.py tests/test_gate.py tests/test_model.py tests/test_config.py tests/test_data.py \
+  tests/test_preflight.py
+test-fast: setup
+	$(BIN)/python -m pytest -q $(FAST_TESTS)
 
 pretrain: setup $(DATA)/meta.json
 	launch/local.sh --config $(CONFIG) --nproc $(NPROC) -- --set data.path=$(DATA) $(ARGS)

@@ -188,4 +188,7 @@ if __name__ == "__main__":
     # active exception") and replace the exit code.
     sys.stdout.flush()
     sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")  # under mpirun (comm.discover_mpi), which counts a rank that never
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():  # finalized as failed
+        mpi.Finalize()
     os._exit(code)
