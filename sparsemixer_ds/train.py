@@ -26,6 +26,7 @@ from .comm import discover_mpi, init_distributed
 from .config import ConfigError, RunConfig, RunError, load_ds_config, total_steps
 from .data import Batches, eval_batches, model_vocab_size, open_split
 from .families import get_family
+from .machine import check_memory, check_precision
 from .metrics import Metrics, Throughput, all_mean
 from .optim import apply_schedule, build_optimizer
 from .rundir import RunDir, TagState, tag_name
@@ -88,7 +89,6 @@ def preflight(cfg: RunConfig, world: int, resume: Union[bool, str]) -> Plan:
                           f"launch a multiple of {cfg.moe.ep_size} processes or change moe.ep_size")
     ds_config = load_ds_config(Path(cfg.ds_config), cfg, world)
     ds_config.update(family.ds_config(cfg, ds_config, cfg.ds_config))
-    from .machine import check_memory, check_precision
     check_precision(ds_config, cfg.ds_config)
     try:
         cfg.model.vocab_size = model_vocab_size(Path(cfg.data.path), cfg.model.vocab_size)
