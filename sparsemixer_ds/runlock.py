@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError
+from .stop import process_start_time
 
 __all__ = ["RunLock", "check_lock", "launch_token", "TOKEN_ENV"]
 
@@ -39,16 +40,6 @@ def _boot_id() -> str:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return ""
-
-
-def _start_time(pid: int) -> Optional[int]:
-    """A live process's start time (clock ticks since boot), or None if there is none by that pid."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return None if fields[0] == "Z" else int(fields[19])
 
 
 def _read(path: Path) -> Optional[dict]:
@@ -73,7 +64,7 @@ def _gone(holder: dict, path: Path) -> Optional[str]:
         return f"not refreshed for {quiet:.0f} s" if quiet > STALE_AFTER_S else None
     if holder.get("boot_id") and holder["boot_id"] != _boot_id():
         return "the machine has rebooted since"
-    started = _start_time(holder["pid"])
+    started = process_start_time(holder["pid"])
     if started is None or started != holder.get("start_time", started):  # none, or another one by that pid
         return f"process {holder['pid']} no longer exists"
     return None
@@ -114,7 +105,7 @@ class RunLock:
         if warning:
             print(warning, file=sys.stderr, flush=True)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"host": socket.gethostname(), "pid": self.pid, "start_time": _start_time(self.pid),
+        record = {"host": socket.gethostname(), "pid": self.pid, "start_time": process_start_time(self.pid),
                   "boot_id": _boot_id(), "token": self.token, "role": self.role,
                   "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         tmp = self.path.with_name(f"{LOCK_NAME}.{socket.gethostname()}.{self.pid}.tmp")

@@ -25,7 +25,7 @@ from deepspeed import comm as dist
 
 from .config import RunError
 
-__all__ = ["StopRequest", "Stopped", "launcher_chain"]
+__all__ = ["StopRequest", "Stopped", "launcher_chain", "process_start_time"]
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 WATCH_INTERVAL_S = 1.0
@@ -42,22 +42,34 @@ class Stopped(RunError):
         self.exit_code = exit_code
 
 
-def _process(pid: int) -> Optional[Tuple[int, List[str]]]:
-    """(start time in clock ticks, argv) of a live process, or None if there is none by that pid."""
+def _stat(pid: int) -> List[str]:
+    """The fields of /proc/PID/stat after the command name (state, parent, ...); OSError if no such process."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2:].split()  # the command name in parentheses may hold spaces
+
+
+def process_start_time(pid: int) -> Optional[int]:
+    """A live process's start time (clock ticks since boot), or None if there is none by that pid: with
+    the pid, it tells a process from a later one that reuses its pid."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = _stat(pid)
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[19])  # a zombie has exited
+
+
+def _process(pid: int) -> Optional[Tuple[int, List[str]]]:
+    """(start time, argv) of a live process, or None if there is none by that pid."""
+    start = process_start_time(pid)
+    try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()  # the command name in parentheses may hold spaces
-    if fields[0] == "Z":
-        return None  # a zombie has exited
-    return int(fields[19]), argv
+    return None if start is None else (start, argv)
 
 
 def _parent(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat[stat.rindex(")") + 2:].split()[1])
+    return int(_stat(pid)[1])
 
 
 def _is_launcher(argv: List[str]) -> bool:

@@ -75,8 +75,9 @@ def test_a_lock_left_by_a_dead_process_is_taken_over_by_a_real_launch(tmp_path, 
 
 
 def live_lock(run_dir, **fields):
-    from sparsemixer_ds.runlock import _boot_id, _start_time
-    return write_lock(run_dir, **{"start_time": _start_time(os.getpid()), "boot_id": _boot_id(), **fields})
+    from sparsemixer_ds.runlock import _boot_id
+    from sparsemixer_ds.stop import process_start_time
+    return write_lock(run_dir, **{"start_time": process_start_time(os.getpid()), "boot_id": _boot_id(), **fields})
 
 
 def test_who_holds_a_lock_decides(tmp_path):
