@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 from deepspeed.moe.layer import MoE  # noqa: E402
 
 from sparsemixer_ds import convert  # noqa: E402
-from sparsemixer_ds.comm import init_distributed  # noqa: E402
+from sparsemixer_ds.comm import exit_rank, init_distributed  # noqa: E402
 from sparsemixer_ds.model import feed_forward  # noqa: E402
 from sparsemixer_ds.routers import ROUTERS  # noqa: E402
 from sparsemixer_ds.testing import time_interleaved  # noqa: E402
@@ -99,3 +99,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if "RANK" in os.environ:
+        exit_rank(0)  # not the interpreter's finalization, which gloo can abort (see exit_rank)

@@ -181,14 +181,5 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # How a rank ends (python -m sparsemixer_ds.cli under a launcher): everything it writes is written and
-    # flushed by now; the interpreter's own finalization could still abort in the C++ destructors of
-    # gloo's connections to ranks that have exited already (SIGABRT, "terminate called without an
-    # active exception") and replace the exit code.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    mpi = sys.modules.get("mpi4py.MPI")  # under mpirun (comm.discover_mpi), which counts a rank that never
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():  # finalized as failed
-        mpi.Finalize()
-    os._exit(code)
+    from .comm import exit_rank
+    exit_rank(main())  # how a rank started as python -m sparsemixer_ds.cli ends (see exit_rank)

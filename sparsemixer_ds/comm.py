@@ -1,6 +1,7 @@
 """Starting DeepSpeed's process group, under any launcher, without leaving anything behind on the machine."""
 import os
 import socket
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -123,6 +124,23 @@ def set_collective_timeout(seconds: float) -> None:
     distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
     for group in list(distributed_c10d._world.pg_map):
         distributed_c10d._set_pg_timeout(timeout, group)
+
+
+def exit_rank(code: int = 0) -> None:
+    """End this rank's process with ``code``, its output flushed, without the interpreter's finalization.
+
+    Finalization can abort in the C++ destructors of gloo's connections to ranks that have exited
+    already (SIGABRT, "terminate called without an active exception"), replacing the exit code: the
+    launcher then reports a job that finished its work as failed. Under mpirun (discover_mpi) MPI is
+    finalized first, since mpirun counts a rank that never finalized as failed. Call it last, after
+    everything the rank writes has been written.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    os._exit(code)
 
 
 def shm_segment(rank: int) -> Path:

@@ -15,7 +15,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from models import TinyMoEModel
 
 from sparsemixer_ds import SparseMixerMoE, convert
-from sparsemixer_ds.comm import init_distributed
+from sparsemixer_ds.comm import exit_rank, init_distributed
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", type=Path, required=True)
@@ -66,3 +66,4 @@ result = {
                      for layer, before in zip(layers, omega_before)],
 }
 (args.out / f"rank{rank}.json").write_text(json.dumps(result))
+exit_rank(0)  # not the interpreter's finalization, which gloo can abort (see exit_rank)

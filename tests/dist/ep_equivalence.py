@@ -11,7 +11,7 @@ from deepspeed import comm as dist
 from models import EP_CASES, EXPERT_HIDDEN, ep_batch, ep_loss, load_reference_weights, local_expert_offset
 
 from sparsemixer_ds import SparseMixerMoE
-from sparsemixer_ds.comm import init_distributed
+from sparsemixer_ds.comm import exit_rank, init_distributed
 from sparsemixer_ds.model import feed_forward
 
 parser = argparse.ArgumentParser()
@@ -45,3 +45,4 @@ result = {
     "expert_grads": experts,
 }
 torch.save(result, args.out / f"rank{rank}.pt")
+exit_rank(0)  # not the interpreter's finalization, which gloo can abort (see exit_rank)

@@ -10,6 +10,7 @@ import os
 import sys
 
 from sparsemixer_ds import cli
+from sparsemixer_ds.comm import exit_rank
 from sparsemixer_ds.model import MoELM
 
 STEPS = {int(s) for s in os.environ["POISON_STEPS"].split(",") if s}
@@ -34,4 +35,4 @@ def poisoned_forward(self, tokens, targets=None):
 
 
 MoELM.forward = poisoned_forward
-sys.exit(cli.main(sys.argv[1:]))
+exit_rank(cli.main(sys.argv[1:]))  # as python -m sparsemixer_ds.cli ends

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from sparsemixer_ds import cli
+from sparsemixer_ds.comm import exit_rank
 from sparsemixer_ds.model import MoELM
 
 RANK, STEP, MARK = int(os.environ["STALL_RANK"]), int(os.environ["STALL_STEP"]), Path(os.environ["STALL_MARK"])
@@ -34,4 +35,4 @@ def stalling_forward(self, tokens, targets=None):
 
 
 MoELM.forward = stalling_forward
-sys.exit(cli.main(sys.argv[1:]))
+exit_rank(cli.main(sys.argv[1:]))  # as python -m sparsemixer_ds.cli ends
