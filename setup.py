@@ -22,6 +22,9 @@ setup(
         "matplotlib>=3.7",  # the end-of-run plot
         "tensorboard>=2.14",  # DeepSpeed's TensorBoard monitor
         "safetensors>=0.4",  # exports: weights in a format that cannot carry code
+        # Hugging Face MoE models (model.family hf) under DeepSpeed 0.19's AutoEP, which works with these
+        # releases only (sparsemixer_ds.hf.TRANSFORMERS_RANGE says the same and names a wrong one).
+        "transformers>=5.0,<5.24",
     ],
     entry_points={"console_scripts": ["sparsemixer-ds = sparsemixer_ds.cli:main"]},
     extras_require={

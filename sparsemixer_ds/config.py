@@ -14,10 +14,11 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from .balance import BALANCE_MODES
 from .routers import ROUTERS
 
 
@@ -40,6 +41,10 @@ class ModelConfig:
     positions: str = "rotary"  # rotary | learned
     ffn_hidden: int = 512  # hidden width of the dense FFN blocks
     dropout: float = 0.0
+    # family hf (sparsemixer_ds.hf): the Hugging Face config, inline (model_type and its fields) or a
+    # local config.json (or a directory holding one); the native fields above are then not used.
+    hf: Dict[str, Any] = field(default_factory=dict)
+    hf_config: str = ""
 
 
 @dataclass
@@ -56,6 +61,7 @@ class MoEConfig:
     drop_tokens: bool = True  # False: dropless, capacity = the largest expert load
     jitter_eps: float = 0.1  # SparseMixer's jitter mask (switch uses DeepSpeed's fixed input jitter)
     balance_coef: float = 0.01  # weight of the Switch load-balance loss in the training loss (0: none)
+    balance: str = "local"  # local: per micro-batch; global: route fractions over all ranks (GRIN; sparsemixer_ds.balance)
     z_loss_coef: float = 0.0  # weight of the ST-MoE router z-loss (SparseMixer routers only)
 
 
@@ -174,7 +180,7 @@ def _number(value: Any) -> Any:
 
 def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-            List[float]: "a list of numbers"}.get(tp, str(tp))
+            List[float]: "a list of numbers", Dict[str, Any]: "a mapping of keys to values"}.get(tp, str(tp))
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
@@ -190,6 +196,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         str: isinstance(value, str),
         List[float]: isinstance(value, list) and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
+        Dict[str, Any]: isinstance(value, dict) and all(isinstance(k, str) for k in value),
     }[tp]
     if not ok:
         raise ConfigError(f"{source}: '{key}' must be {_type_name(tp)}; got {value!r} ({type(value).__name__})")
@@ -221,8 +228,18 @@ def _apply(obj: Any, values: dict, prefix: str, source: str) -> None:
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current):
             _apply(current, value, f"{key}.", source)
+        elif isinstance(current, dict) and isinstance(value, dict):
+            # A free-form mapping (model.hf): merged, so that --set model.hf.hidden_size=64 changes one field.
+            setattr(obj, name, _merged(current, _coerce(value, by_name[name].type, key, source)))
         else:
             setattr(obj, name, _coerce(value, by_name[name].type, key, source))
+
+
+def _merged(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for name, value in update.items():
+        out[name] = _merged(out[name], value) if isinstance(out.get(name), dict) and isinstance(value, dict) else value
+    return out
 
 
 def parse_override(text: str) -> tuple:
@@ -303,6 +320,9 @@ def validate(cfg: RunConfig) -> None:
     _require(0.0 <= moe.jitter_eps < 1.0, f"moe.jitter_eps must be in [0, 1) (the paper uses 0.1); got {moe.jitter_eps}")
     _require(moe.balance_coef >= 0.0, f"moe.balance_coef must be >= 0; got {moe.balance_coef}")
     _require(moe.z_loss_coef >= 0.0, f"moe.z_loss_coef must be >= 0; got {moe.z_loss_coef}")
+    _require(moe.balance in BALANCE_MODES,
+             f"moe.balance must be one of {', '.join(BALANCE_MODES)} (global: GRIN's balance over all ranks); "
+             f"got {moe.balance!r}")
     _require(moe.z_loss_coef == 0.0 or not ROUTERS[moe.router].baseline,
              f"moe.z_loss_coef={moe.z_loss_coef} needs a SparseMixer router; DeepSpeed's TopKGate ({moe.router}) "
              "has no z-loss")

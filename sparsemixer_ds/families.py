@@ -21,7 +21,9 @@ and it builds the model, ``build(cfg)``: an ``nn.Module`` with
 and exports it: ``export_state(model)`` is the dict of tensors an export file holds, and
 ``load_export_state(model, tensors)`` puts them back into a model built from the same config.
 
-Families: ``native``, this project's decoder LM on DeepSpeed's MoE layer (sparsemixer_ds.model).
+Families: ``native``, this project's decoder LM on DeepSpeed's MoE layer (sparsemixer_ds.model);
+``hf``, a Hugging Face MoE model (PhiMoE, Mixtral, Qwen3-MoE) whose MoE blocks DeepSpeed's AutoEP
+replaces, routed by SparseMixer (sparsemixer_ds.hf, sparsemixer_ds.autoep).
 """
 from typing import Dict, List, NamedTuple, Protocol, Tuple
 
@@ -80,7 +82,7 @@ def training_state(dense: int, expert: int, ds: dict, world: int, ep_size: int) 
             return dense + expert
         return dense / world + expert / (world // ep_size)
 
-    return MemoryEstimate(dense + expert, expert, stage, width * (dense + expert), int(width * per_rank(2)),
+    return MemoryEstimate(dense + expert, expert, stage, int(width * per_rank(3)), int(width * per_rank(2)),
                           int(adam * per_rank(1)))
 
 
@@ -137,7 +139,52 @@ class NativeFamily:
         model.load_state_dict(tensors)
 
 
-FAMILIES: Dict[str, ModelFamily] = {family.name: family for family in (NativeFamily(), )}
+class HFFamily:
+    """A Hugging Face MoE model under AutoEP with SparseMixer routers (sparsemixer_ds.hf)."""
+    name = "hf"
+    # The HF config fixes every weight's shape; the router adds omega (midpoint) or not.
+    shape_keys = ("model.family", "model.vocab_size", "model.hf", "model.hf_config", "moe.router")
+
+    def build(self, cfg: RunConfig) -> nn.Module:
+        from . import hf
+        config = hf.hf_config(cfg)
+        return hf.build(cfg, {"expert_parallel": hf.expert_parallel(cfg, config, {}, "the run config")},
+                        "the run config")
+
+    def ds_config(self, cfg: RunConfig, ds: dict, source: str) -> dict:
+        """The expert_parallel section AutoEP needs, checked against the model (built on the meta
+        device) as deepspeed.initialize will see it: a setting that would change SparseMixer's
+        gradient is refused here, before any rank starts."""
+        from . import autoep, hf
+        config = hf.hf_config(cfg)
+        section = hf.expert_parallel(cfg, config, ds, source)
+        from transformers import AutoModelForCausalLM
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        try:
+            autoep.use_sparsemixer(model, {"expert_parallel": section}, source, **hf.options(cfg, config))
+        except autoep.AutoEPError as err:
+            raise ConfigError(str(err)) from None
+        return {"expert_parallel": section}
+
+    def memory_estimate(self, cfg: RunConfig, ds: dict, world: int) -> MemoryEstimate:
+        """Parameters counted on the meta device; AutoEP keeps num_experts / ep_size experts per rank."""
+        from . import hf
+        from transformers import AutoModelForCausalLM
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf.hf_config(cfg))
+        total = sum(p.numel() for p in model.parameters())
+        expert = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+        return training_state(total - expert, expert // cfg.moe.ep_size, ds, world, cfg.moe.ep_size)
+
+    def export_state(self, model: nn.Module) -> Dict[str, torch.Tensor]:
+        return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+
+    def load_export_state(self, model: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
+        model.load_state_dict(tensors)
+
+
+FAMILIES: Dict[str, ModelFamily] = {family.name: family for family in (NativeFamily(), HFFamily())}
 
 
 def get_family(cfg: RunConfig) -> ModelFamily:

@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import RunConfig
 
-__all__ = ["GuardedAdamW", "optimizer_param_groups", "warmup_cosine", "build_optimizer"]
+__all__ = ["GuardedAdamW", "optimizer_param_groups", "warmup_cosine", "make_adamw", "make_schedule", "build_optimizer"]
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -64,14 +64,24 @@ def warmup_cosine(cfg: RunConfig, total: int) -> Callable[[int], float]:
     return factor
 
 
-def build_optimizer(model: nn.Module, cfg: RunConfig, total: int,
-                    guarded: bool) -> Tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """The run config's AdamW over ``model`` and its schedule for ``total`` steps. ``guarded``: a
+def make_adamw(model: nn.Module, cfg: RunConfig, guarded: bool) -> torch.optim.AdamW:
+    """The run config's AdamW over ``model``'s parameters as they are now. ``guarded``: a
     GuardedAdamW, for an engine that steps the optimizer without checking the gradients itself."""
     t = cfg.train
     adamw = GuardedAdamW if guarded else torch.optim.AdamW
-    optimizer = adamw(optimizer_param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg, total))
+    return adamw(optimizer_param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The run config's learning-rate schedule over ``total`` steps."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg, total))
+
+
+def build_optimizer(model: nn.Module, cfg: RunConfig, total: int,
+                    guarded: bool) -> Tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """``make_adamw`` and its ``make_schedule``."""
+    optimizer = make_adamw(model, cfg, guarded)
+    return optimizer, make_schedule(optimizer, cfg, total)
 
 
 def apply_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:

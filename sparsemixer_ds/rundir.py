@@ -208,11 +208,12 @@ class RunDir:
         FREE_ON_RESUME. Writes nothing."""
         saved_cfg = self.saved_config()
         saved, now = _flat(config_dict(saved_cfg)), _flat(config_dict(cfg))
-        differ = [key for key in now if key != "model.vocab_size" and saved.get(key) != now[key]]
+        keys = list(now) + [key for key in saved if key not in now]  # a free-form mapping (model.hf) may lose keys
+        differ = [key for key in keys if key != "model.vocab_size" and saved.get(key) != now.get(key)]
         if saved["model.vocab_size"] and saved["model.vocab_size"] != now["model.vocab_size"]:
             differ.append("model.vocab_size")
-        said = {key: f"{key}: {saved.get(key)!r} in the run, {now[key]!r} now" for key in differ}
-        shape = [said[key] for key in differ if key in shape_keys]
+        said = {key: f"{key}: {saved.get(key)!r} in the run, {now.get(key)!r} now" for key in differ}
+        shape = [said[key] for key in differ if key in shape_keys or key.startswith(tuple(f"{k}." for k in shape_keys))]
         if shape:
             raise ConfigError(f"--resume: the checkpoints in {self.path} are of another model shape ("
                               + "; ".join(shape) + "); resume with the run's own settings (its config.yaml)")

@@ -28,7 +28,7 @@ from .data import Batches, eval_batches, model_vocab_size, open_split
 from .families import get_family
 from .machine import check_memory, check_precision
 from .metrics import Metrics, Throughput, all_mean
-from .optim import apply_schedule, build_optimizer
+from .optim import apply_schedule, make_adamw, make_schedule
 from .rundir import RunDir, TagState, tag_name
 from .runlock import RunLock, check_lock, launch_token
 from .stop import StopRequest, Stopped
@@ -131,9 +131,11 @@ class Trainer:
         ds = plan.ds_config
         mixed = any(ds.get(key, {}).get("enabled") for key in ("bf16", "fp16"))
         stage0 = ds.get("zero_optimization", {}).get("stage", 0) == 0
-        optimizer, self.scheduler = build_optimizer(model, cfg, self.total, guarded=stage0 and not mixed)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=self.scheduler,
-                                                    config=ds)
+        # Given as callables, which DeepSpeed calls after AutoEP (family hf) has replaced the MoE blocks:
+        # the groups then hold the parameters the model trains, AutoEP's experts in groups of their own.
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, config=ds, optimizer=lambda _params: make_adamw(model, cfg, guarded=stage0 and not mixed),
+            lr_scheduler=lambda optimizer: make_schedule(optimizer, cfg, self.total))
         self.device = self.engine.device
         self.routing = model.routing_stats()
         self.metrics = Metrics(self.run.metrics, self.engine.monitor, self.rank == 0)

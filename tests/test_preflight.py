@@ -29,7 +29,8 @@ def test_a_good_run_passes_and_creates_nothing(tmp_path, corpus):
     (["model.seq_len=100000"], 2, "seq_len"),
     (["data.path=/nonexistent/data"], 2, "has no meta.json; prepare it first"),
     (["ds_config=/nonexistent/ds.json"], 2, "DeepSpeed config /nonexistent/ds.json does not exist"),
-    (["model.family=hf"], 2, "model.family must be one of native; got 'hf'"),
+    (["model.family=mamba"], 2, "model.family must be one of native, hf; got 'mamba'"),
+    (["model.family=hf"], 2, "model.family hf needs the Hugging Face config in exactly one of model.hf"),
 ])
 def test_bad_runs_are_refused_with_the_reason(tmp_path, corpus, overrides, world, needle):
     with pytest.raises((ConfigError, ValueError)) as err:
