@@ -30,7 +30,7 @@ def balance_loss(logits_SE: torch.Tensor, counts_E: torch.Tensor, routes: int, m
     """Switch's balance loss (scalar, float32; 1 at perfect balance) of one router call.
 
     ``counts_E``: routes each expert took in this call; ``routes``: how many routes the call had to
-    give (tokens x top_k, unused tokens left out), the denominator of the fractions. ``mode``
+    give (tokens x top_k), the denominator of the fractions. ``mode``
     "global" sums both over ``group`` (None: every rank, the data-parallel group when each rank
     trains on its own tokens) before the fractions are taken; on one process it equals "local".
     """

@@ -103,7 +103,8 @@ class MoELM(nn.Module):
                                num_experts=moe.num_experts, ep_size=moe.ep_size, k=moe.top_k,
                                capacity_factor=moe.capacity_factor, eval_capacity_factor=moe.eval_capacity_factor,
                                min_capacity=moe.min_capacity, drop_tokens=moe.drop_tokens,
-                               jitter_eps=moe.jitter_eps, balance_coef=moe.balance_coef, z_loss_coef=moe.z_loss_coef)
+                               jitter_eps=moe.jitter_eps, balance_coef=moe.balance_coef, balance=moe.balance,
+                               z_loss_coef=moe.z_loss_coef)
             else:
                 ffn = feed_forward(cfg.d_model, cfg.ffn_hidden)
             blocks.append(Block(cfg, ffn))

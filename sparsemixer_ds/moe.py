@@ -10,7 +10,9 @@ group. So SparseMixer subclasses both and only replaces the routing decision: ev
 Every gate here (SparseMixer's, and DeepSpeed's TopKGate as the baselines use it) weights its own
 auxiliary losses (``balance_coef``, ``z_loss_coef``) in the ``l_aux`` it returns, keeps the unweighted
 values of its last call in ``terms`` for logging, and records routing statistics in ``stats`` from the
-logits and routes it computed (Megatron-Core's router does the same).
+logits and routes it computed (Megatron-Core's router does the same). The balance loss is
+``local`` (each rank's micro-batch) or ``global`` (route fractions summed over the data-parallel
+group first, GRIN's choice), as in sparsemixer_ds.balance.
 """
 import math
 from typing import List, NamedTuple, Optional, Tuple, Union
@@ -23,6 +25,7 @@ from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import TOPK_GATE_TIMER, TopKGate, multiplicative_jitter, top1gating, top2gating
 from torch import nn
 
+from .balance import BALANCE_MODES, balance_loss, z_loss
 from .routers import Router
 from .routing import ESTIMATORS, route
 
@@ -91,9 +94,22 @@ def _check_coef(name: str, value: float, usual: str) -> None:
         raise ValueError(f"{name} must be a finite number >= 0 ({usual}); got {value!r}")
 
 
+def _check_balance(balance: str) -> None:
+    if balance not in BALANCE_MODES:
+        raise ValueError(f"balance must be one of {', '.join(BALANCE_MODES)} (global: GRIN's balance over all "
+                         f"ranks); got {balance!r}")
+
+
+# The group "global" balances over: the data-parallel group of the dense (non-expert) parameters. In this
+# project that is every rank (None): each rank trains on its own tokens, and expert parallelism places
+# experts across ranks without splitting a batch, so the global batch is the union of all ranks' tokens.
+GLOBAL_BALANCE_GROUP = None
+
+
 def _check_gate_options(num_experts: int, k: int, capacity_factor: float, eval_capacity_factor: float,
                         min_capacity: int, noisy_gate_policy: Optional[str], top2_2nd_expert_sampling: bool,
-                        jitter_eps: float, estimator: str, balance_coef: float, z_loss_coef: float) -> None:
+                        jitter_eps: float, estimator: str, balance_coef: float, z_loss_coef: float,
+                        balance: str) -> None:
     """Reject options SparseMixer cannot honour, before any module is built."""
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
         raise ValueError(f"k must be an integer in 1..num_experts={num_experts}; got {k!r}")
@@ -114,19 +130,24 @@ def _check_gate_options(num_experts: int, k: int, capacity_factor: float, eval_c
         raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}; got {estimator!r}")
     _check_coef("balance_coef", balance_coef, "1 returns the balance loss as it is; Switch trains with 0.01")
     _check_coef("z_loss_coef", z_loss_coef, "ST-MoE uses 1e-3")
+    _check_balance(balance)
 
 
 class SparseMixerGate(TopKGate):
     """A DeepSpeed gate whose routes and weights come from SparseMixer (sparsemixer_ds.routing).
 
-    Takes TopKGate's constructor arguments plus ``jitter_eps``, ``estimator``, ``balance_coef`` and
-    ``z_loss_coef``. ``noisy_gate_policy`` must stay None (SparseMixer samples its routes) and
+    Takes TopKGate's constructor arguments plus ``jitter_eps``, ``estimator``, ``balance_coef``,
+    ``balance`` ("local" or "global", see sparsemixer_ds.balance) and ``z_loss_coef``.
+    ``noisy_gate_policy`` must stay None (SparseMixer samples its routes) and
     ``top2_2nd_expert_sampling`` True. Capacity follows DeepSpeed: C = max(ceil(S / E * factor * k),
     min_capacity) slots per expert, or with ``drop_tokens=False`` the largest expert load over the
     expert-parallel group. Earlier rounds claim slots first; within a round, tokens claim them in
     order, or in a random order with ``use_rts`` (random token selection). The returned ``l_aux`` is
     ``balance_coef * balance + z_loss_coef * z``: with the default ``balance_coef=1`` the balance loss
-    as DeepSpeed's gates return it, for a caller that weights it itself.
+    as DeepSpeed's gates return it, for a caller that weights it itself. The balance loss takes its
+    route fractions from the routes SparseMixer drew (``exp_counts`` over S * k, before capacity);
+    with ``balance="global"`` every call all-reduces E + 1 numbers over all ranks, so every rank must
+    call the gate equally often (the MoE layer's all-to-all asks the same).
     """
 
     def __init__(self,
@@ -145,9 +166,10 @@ class SparseMixerGate(TopKGate):
                  jitter_eps: float = 0.1,
                  estimator: str = "midpoint",
                  balance_coef: float = 1.0,
+                 balance: str = "local",
                  z_loss_coef: float = 0.0) -> None:
         _check_gate_options(num_experts, k, capacity_factor, eval_capacity_factor, min_capacity, noisy_gate_policy,
-                            top2_2nd_expert_sampling, jitter_eps, estimator, balance_coef, z_loss_coef)
+                            top2_2nd_expert_sampling, jitter_eps, estimator, balance_coef, z_loss_coef, balance)
         super().__init__(model_dim, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity, None,
                          drop_tokens, use_rts, ep_group, True)
         self.num_experts = num_experts
@@ -155,6 +177,7 @@ class SparseMixerGate(TopKGate):
         self.estimator = estimator
         self.rule = ESTIMATORS[estimator]  # looked up once: forward calls the unchecked routing function
         self.balance_coef = float(balance_coef)
+        self.balance = balance
         self.z_loss_coef = float(z_loss_coef)
         self.stats = RoutingStats(num_experts)
         self.terms: Optional[MoETerms] = None
@@ -167,7 +190,8 @@ class SparseMixerGate(TopKGate):
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, k={self.k}, estimator={self.estimator!r}, "
                 f"jitter_eps={self.jitter_eps}, capacity_factor={self.capacity_factor}, "
-                f"drop_tokens={self.drop_tokens}, balance_coef={self.balance_coef}, z_loss_coef={self.z_loss_coef}")
+                f"drop_tokens={self.drop_tokens}, balance={self.balance!r}, balance_coef={self.balance_coef}, "
+                f"z_loss_coef={self.z_loss_coef}")
 
     def forward(self,
                 input: torch.Tensor,
@@ -232,16 +256,15 @@ class SparseMixerGate(TopKGate):
         locations_KS = torch.empty_like(ranks_N).index_copy_(0, order_N, ranks_N).view_as(experts_KS)
         kept_KS = routed_KS & (locations_KS < capacity)
 
-        # Switch Transformer eq. 4: E * sum_e (mean router probability) * (fraction of routes).
-        probs_SE = torch.softmax(logits_SE, dim=1)
-        route_fraction_E = exp_counts.float() / (num_tokens * self.k)
-        balance = num_experts * torch.sum(probs_SE.mean(dim=0) * route_fraction_E)
+        # Switch Transformer eq. 4 over the routes SparseMixer drew; S * k routes, unused tokens included
+        # (as DeepSpeed's top1gating divides by S), so "local" keeps this gate's earlier values.
+        balance = balance_loss(logits_SE, exp_counts, num_tokens * self.k, self.balance, GLOBAL_BALANCE_GROUP)
         l_aux = self.balance_coef * balance
-        z_loss = torch.zeros((), device=device)
+        z = torch.zeros((), device=device)
         if self.z_loss_coef > 0:  # ST-MoE eq. 5: keeps router logits small for bf16 stability
-            z_loss = torch.logsumexp(logits_SE, dim=1).square().mean()
-            l_aux = l_aux + self.z_loss_coef * z_loss
-        self.terms = MoETerms(balance.detach(), z_loss.detach())
+            z = z_loss(logits_SE)
+            l_aux = l_aux + self.z_loss_coef * z
+        self.terms = MoETerms(balance.detach(), z.detach())
 
         return Routes(l_aux=l_aux,
                       capacity=capacity,
@@ -272,36 +295,66 @@ class BaselineGate(TopKGate):
     """DeepSpeed's TopKGate as the switch (k = 1) and gshard (k = 2) routers use it: DeepSpeed's own
     routing functions, called as TopKGate calls them, with the balance loss weighted by
     ``balance_coef`` in the returned ``l_aux`` and routing statistics recorded from the logits it
-    computed (after the input jitter, where the gate has it)."""
+    computed (after the input jitter, where the gate has it).
 
-    def __init__(self, *topk_gate_args, balance_coef: float = 1.0, **topk_gate_kwargs) -> None:
+    ``balance="local"`` keeps DeepSpeed's own l_aux. ``balance="global"`` replaces it by
+    ``balance_loss(logits_SE, exp_counts, S * k, "global")`` (sparsemixer_ds.balance): the logits after
+    the input jitter and before top2gating's Gumbel noise (the ones DeepSpeed's softmax reads), and the
+    route counts DeepSpeed returns (before capacity), summed over all ranks. What that is on one
+    process, with the same routes, against DeepSpeed 0.19's formulas (P_e = mean over the S tokens of
+    softmax(logits)_e; both carry gradient only through P):
+
+    - k = 1: top1gating's l_aux = E * sum_e P_e * mean_s(mask1)_e, mask1 the one-hot choice (times
+      ``used_token``) before capacity, and exp_counts = sum_s mask1. So mean_s(mask1) = exp_counts / S
+      and "global" on one process is DeepSpeed's l_aux (to float rounding).
+    - k = 2: top2gating's l_aux = E * E * mean_e(P_e * mean_s(mask1)_e) = E * sum_e P_e * c1_e / S,
+      with c1 the counts of the first (argmax) choices only, while its exp_counts = c1 + c2 also counts
+      the sampled second choices. "global" takes f_e = (c1_e + c2_e) / (2 S), the share of all routes,
+      so on one process it is E * sum_e P_e (c1_e + c2_e) / (2 S) = (DeepSpeed's l_aux + E * sum_e
+      P_e c2_e / S) / 2, DeepSpeed's value only where sum_e P_e c2_e = sum_e P_e c1_e; it is
+      ``balance_loss(..., "local")`` with those counts. That is the definition SparseMixer's gate and
+      Megatron-Core's aux loss use (all top-k routes over S * k), so a local-vs-global study compares
+      one quantity across routers.
+    """
+
+    def __init__(self, *topk_gate_args, balance_coef: float = 1.0, balance: str = "local",
+                 **topk_gate_kwargs) -> None:
+        _check_balance(balance)
         super().__init__(*topk_gate_args, **topk_gate_kwargs)
         if self.k not in (1, 2):
             raise ValueError(f"k must be 1 or 2 for DeepSpeed's TopKGate baselines; got {self.k!r}")
         _check_coef("balance_coef", balance_coef, "Switch trains with 0.01")
         self.balance_coef = float(balance_coef)
+        self.balance = balance
         self.stats = RoutingStats(self.wg.out_features)
         self.terms: Optional[MoETerms] = None
 
     @classmethod
-    def from_topk_gate(cls, gate: TopKGate, balance_coef: float = 1.0) -> "BaselineGate":
+    def from_topk_gate(cls, gate: TopKGate, balance_coef: float = 1.0, balance: str = "local") -> "BaselineGate":
         """``gate`` with its router weights, capacity settings, jitter and EP group."""
-        return _rebuild(cls, gate, gate.noisy_gate_policy, gate.top2_2nd_expert_sampling, balance_coef=balance_coef)
+        return _rebuild(cls, gate, gate.noisy_gate_policy, gate.top2_2nd_expert_sampling, balance_coef=balance_coef,
+                        balance=balance)
 
     def forward(self,
                 input: torch.Tensor,
                 used_token: Optional[torch.Tensor] = None,
                 sparse_routes: bool = False,
                 use_tutel: bool = False) -> tuple:
-        """Route ``input`` [S, M]; returns what TopKGate returns, its ``l_aux`` weighted."""
+        """Route ``input`` [S, M]; returns what TopKGate returns, its ``l_aux`` weighted (and global
+        with ``balance="global"``)."""
         if self.wall_clock_breakdown:
             self.timers(TOPK_GATE_TIMER).start()
         input_fp32 = input.float()
         if self.noisy_gate_policy == "Jitter" and self.training:
             input_fp32 = multiplicative_jitter(input_fp32, device=input.device)
         logits_SE = F.linear(input_fp32, self.wg.weight.float())
-        # top2gating adds its sampling noise to the logits in place: statistics read them before.
-        stats_logits_SE = logits_SE.detach().clone() if self.stats.recording else None
+        # top2gating adds its sampling noise to the logits in place: the global balance loss (through
+        # autograd) and the statistics read them before.
+        clean_logits_SE = None
+        if self.balance == "global":
+            clean_logits_SE = logits_SE.clone()
+        elif self.stats.recording:
+            clean_logits_SE = logits_SE.detach().clone()
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         if self.k == 1:
             routes = top1gating(logits_SE, factor, self.min_capacity, used_token,
@@ -311,13 +364,16 @@ class BaselineGate(TopKGate):
             routes = top2gating(logits_SE, factor, self.min_capacity, self.drop_tokens, self.ep_group,
                                 self.top2_2nd_expert_sampling, sparse_routes)
         balance, exp_counts = routes[0], routes[-1]
+        if self.balance == "global":
+            balance = balance_loss(clean_logits_SE, exp_counts, logits_SE.shape[0] * self.k, "global",
+                                   GLOBAL_BALANCE_GROUP)
         self.terms = MoETerms(balance.detach(), torch.zeros((), device=balance.device))
         if self.stats.recording:
             if sparse_routes:
                 dropped = (routes[3] < 0).double().mean()
             else:  # dense: the dispatch mask [S, E, C] holds one True per kept route
                 dropped = 1.0 - routes[2].sum().double() / (logits_SE.shape[0] * self.k)
-            self.stats.add(stats_logits_SE, exp_counts, dropped)
+            self.stats.add(clean_logits_SE, exp_counts, dropped)
         if self.wall_clock_breakdown:
             self.timers(TOPK_GATE_TIMER).stop()
             self.gate_time = self.timers(TOPK_GATE_TIMER).elapsed(reset=False)
@@ -341,8 +397,8 @@ def _rebuild(cls, gate: TopKGate, noisy_gate_policy: Optional[str], top2_2nd_exp
 class SparseMixerMoE(MoE):
     """DeepSpeed's MoE layer with a SparseMixerGate; returns ``(output, l_aux, exp_counts)``.
 
-    Takes MoE's constructor arguments plus the gate's ``jitter_eps``, ``estimator``, ``balance_coef``
-    and ``z_loss_coef``. With the midpoint estimator (and its midpoint-all ablation) it owns
+    Takes MoE's constructor arguments plus the gate's ``jitter_eps``, ``estimator``, ``balance_coef``,
+    ``balance`` and ``z_loss_coef``. With the midpoint estimator (and its midpoint-all ablation) it owns
     SparseMixer's per-channel output scale ``omega`` [M] (initialised to ones, trained, a non-expert
     parameter), applied to the experts' combined output.
     """
@@ -367,6 +423,7 @@ class SparseMixerMoE(MoE):
                  jitter_eps: float = 0.1,
                  estimator: str = "midpoint",
                  balance_coef: float = 1.0,
+                 balance: str = "local",
                  z_loss_coef: float = 0.0) -> None:
         if not isinstance(ep_size, int) or ep_size < 1 or num_experts % ep_size:
             raise ValueError(f"num_experts={num_experts} must be divisible by ep_size={ep_size}: each rank of an "
@@ -375,7 +432,7 @@ class SparseMixerMoE(MoE):
         gate = SparseMixerGate(hidden_size, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity,
                                noisy_gate_policy, drop_tokens, use_rts, None, top2_2nd_expert_sampling,
                                jitter_eps=jitter_eps, estimator=estimator, balance_coef=balance_coef,
-                               z_loss_coef=z_loss_coef)
+                               balance=balance, z_loss_coef=z_loss_coef)
         super().__init__(hidden_size, expert, num_experts, ep_size, k, capacity_factor, eval_capacity_factor,
                          min_capacity, use_residual, None, drop_tokens, use_rts, use_tutel,
                          enable_expert_tensor_parallelism, True)
@@ -415,11 +472,11 @@ def convert(model: nn.Module, **sparsemixer_kwargs) -> int:
 
     Call it before ``deepspeed.initialize``. Router weights, capacity settings, experts and
     residual-MoE parts are kept (the same parameter objects); ``sparsemixer_kwargs`` are
-    ``jitter_eps``, ``estimator``, ``balance_coef`` and ``z_loss_coef``. A layer's ``noisy_gate_policy``
-    is dropped: SparseMixer's sampling replaces input jitter. Draws no random numbers. Returns how many
-    layers were converted.
+    ``jitter_eps``, ``estimator``, ``balance_coef``, ``balance`` and ``z_loss_coef``. A layer's
+    ``noisy_gate_policy`` is dropped: SparseMixer's sampling replaces input jitter. Draws no random
+    numbers. Returns how many layers were converted.
     """
-    options = ("jitter_eps", "estimator", "balance_coef", "z_loss_coef")
+    options = ("jitter_eps", "estimator", "balance_coef", "balance", "z_loss_coef")
     unknown = set(sparsemixer_kwargs) - set(options)
     if unknown:
         raise TypeError(f"convert() got unknown options {sorted(unknown)}; it takes {', '.join(options)}")
@@ -450,23 +507,26 @@ def make_moe(router: Router,
              drop_tokens: bool = True,
              jitter_eps: float = 0.1,
              balance_coef: float = 1.0,
+             balance: str = "local",
              z_loss_coef: float = 0.0) -> MoE:
     """An MoE layer for a registered router (sparsemixer_ds.routers), so that comparing routers is one
     config change: a SparseMixerMoE with the router's estimator, or DeepSpeed's MoE with a BaselineGate
     (TopKGate with k = 1 and input jitter for switch, k = 2 for gshard). The gate weights its own
-    auxiliary losses with ``balance_coef`` and ``z_loss_coef`` (SparseMixer routers only)."""
+    auxiliary losses with ``balance_coef`` and ``z_loss_coef`` (SparseMixer routers only) and takes its
+    balance loss ``balance`` = "local" or "global" (over all ranks; see BaselineGate for the baselines)."""
     common = dict(num_experts=num_experts, ep_size=ep_size, k=k, capacity_factor=capacity_factor,
                   eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity, drop_tokens=drop_tokens)
     if not router.baseline:
         return SparseMixerMoE(hidden_size, expert, jitter_eps=jitter_eps, estimator=router.estimator,
-                              balance_coef=balance_coef, z_loss_coef=z_loss_coef, **common)
+                              balance_coef=balance_coef, balance=balance, z_loss_coef=z_loss_coef, **common)
+    _check_balance(balance)  # before DeepSpeed builds (and copies) the experts
     if z_loss_coef:
         raise ValueError(f"z_loss_coef={z_loss_coef} needs a SparseMixer router; DeepSpeed's TopKGate "
                          f"({router.name}) has no z-loss")
     if not num_experts % ep_size == 0:
         raise ValueError(f"num_experts={num_experts} must be divisible by ep_size={ep_size}")
     layer = MoE(hidden_size, expert, noisy_gate_policy="Jitter" if router.input_jitter else None, **common)
-    layer.deepspeed_moe.gate = BaselineGate.from_topk_gate(layer.deepspeed_moe.gate, balance_coef)
+    layer.deepspeed_moe.gate = BaselineGate.from_topk_gate(layer.deepspeed_moe.gate, balance_coef, balance)
     return layer
 
 

@@ -6,11 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
-from deepspeed.moe.sharded_moe import TopKGate
+from deepspeed.moe.sharded_moe import TopKGate, multiplicative_jitter
 from models import TinyMoEModel, sparsemixer_layer
 
 from sparsemixer_ds import SparseMixerGate, SparseMixerMoE, convert, sparsemixer
-from sparsemixer_ds.moe import BaselineGate
+from sparsemixer_ds.config import load_config
+from sparsemixer_ds.model import MoELM
+from sparsemixer_ds.moe import BaselineGate, make_moe
+from sparsemixer_ds.routers import get_router
 
 
 def make_gate(model_dim=8, num_experts=4, seed=0, **kwargs):
@@ -180,6 +183,115 @@ def test_the_baseline_gate_routes_exactly_as_deepspeeds_topkgate(k, jitter, trai
     assert baseline.terms.balance.item() == want[0].item() and baseline.terms.z.item() == 0.0
     for g, w in zip(got[1:], want[1:]):
         assert g == w if isinstance(w, int) else torch.equal(g, w)
+
+
+def switch_balance(logits, counts, routes):
+    """Switch's balance loss written out in float64: E * sum_e mean_s softmax(logits)_e * counts_e / routes."""
+    probs = torch.softmax(logits.double(), dim=1)
+    return logits.shape[1] * (probs.mean(0) * counts.double() / routes).sum()
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_local_balance_keeps_its_values(k):
+    """The balance term now comes from sparsemixer_ds.balance: explicit "local" is the default, and both
+    are Switch's formula over the routes SparseMixer drew (S * k of them)."""
+    x = torch.randn(50, 8)
+    default = route(make_gate(k=k, z_loss_coef=0.01), x)
+    gate = make_gate(k=k, z_loss_coef=0.01, balance="local")
+    local = route(gate, x)
+    assert torch.equal(local.l_aux, default.l_aux) and torch.equal(local.exp_counts, default.exp_counts)
+    balance = switch_balance(F.linear(x, gate.wg.weight), torch.bincount(routes_experts(gate, x), minlength=4),
+                             50 * k)
+    assert gate.terms.balance.item() == pytest.approx(balance.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_global_balance_is_local_without_a_process_group(k):
+    x = torch.randn(50, 8)
+    local_gate, global_gate = make_gate(k=k, z_loss_coef=0.01), make_gate(k=k, z_loss_coef=0.01, balance="global")
+    local, glob = route(local_gate, x), route(global_gate, x)
+    assert torch.equal(glob.l_aux, local.l_aux) and torch.equal(global_gate.terms.balance, local_gate.terms.balance)
+    assert torch.equal(glob.indices_KS, local.indices_KS) and torch.equal(glob.gates_KS, local.gates_KS)
+    assert "balance='global'" in repr(global_gate)
+
+
+def test_an_unknown_balance_mode_is_refused_naming_it():
+    match = "balance must be one of local, global .*got 'median'"
+    with pytest.raises(ValueError, match=match):
+        SparseMixerGate(8, 4, balance="median")
+    with pytest.raises(ValueError, match=match):
+        SparseMixerMoE(8, torch.nn.Linear(8, 8), num_experts=4, balance="median")
+    with pytest.raises(ValueError, match=match):
+        BaselineGate.from_topk_gate(TopKGate(8, 4, k=1), balance="median")
+    for router in ("sparsemixer", "switch"):
+        with pytest.raises(ValueError, match=match):
+            make_moe(get_router(router), 8, torch.nn.Linear(8, 8), num_experts=4, balance="median")
+    model = TinyMoEModel()
+    with pytest.raises(ValueError, match=match):
+        convert(model, balance="median")
+    assert not any(isinstance(m, SparseMixerMoE) for m in model.modules())
+
+
+@pytest.mark.parametrize("router, k", [("sparsemixer", 1), ("sparsemixer-v2", 2), ("switch", 1), ("gshard", 2)])
+def test_moe_balance_reaches_every_gate_of_the_model(router, k):
+    cfg = load_config(None, ["model.vocab_size=50", "model.d_model=16", "model.n_heads=2", "model.n_layers=2",
+                             "model.seq_len=8", "moe.num_experts=4", "moe.expert_hidden=16", f"moe.router={router}",
+                             f"moe.top_k={k}", "moe.balance=global"])
+    gates = MoELM(cfg.model, cfg.moe).gates
+    assert gates and all(gate.balance == "global" for gate in gates)
+
+
+def test_convert_passes_the_balance_mode():
+    model = TinyMoEModel()
+    convert(model, balance="global")
+    assert [m.gate.balance for m in model.modules() if isinstance(m, SparseMixerMoE)] == ["global", "global"]
+
+
+def deepspeed_first_choice_balance(logits):
+    """top2gating's l_aux written out: E * sum_e P_e * (share of tokens whose argmax is e)."""
+    first = torch.bincount(logits.argmax(dim=1), minlength=logits.shape[1])
+    return switch_balance(logits, first, logits.shape[0])
+
+
+@pytest.mark.parametrize("k, jitter", [(1, "Jitter"), (2, None)])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_the_baseline_gates_global_balance_on_one_process(k, jitter, sparse):
+    """Global balance keeps DeepSpeed's routes. On one process it is Switch's formula over all k routes
+    (DeepSpeed's exp_counts over S * k): for k = 1 that is DeepSpeed's own l_aux; for k = 2 DeepSpeed's
+    l_aux counts first choices only (over S), and the global value is not it."""
+    torch.manual_seed(0)
+    stock = TopKGate(8, 4, k=k, capacity_factor=1.0, min_capacity=2, noisy_gate_policy=jitter)
+    local = BaselineGate.from_topk_gate(stock, balance_coef=0.01)
+    glob = BaselineGate.from_topk_gate(stock, balance_coef=0.01, balance="global")
+    glob.stats.recording = True
+    x = torch.randn(40, 8) * 4  # spread logits: second choices do not mirror first ones
+    torch.manual_seed(5)
+    want = local(x, None, sparse)
+    torch.manual_seed(5)
+    input_fp32 = x if jitter is None else multiplicative_jitter(x, device=x.device)  # the gate's draw
+    logits = F.linear(input_fp32, stock.wg.weight).detach()
+    torch.manual_seed(5)
+    got = glob(x, None, sparse)
+    for g, w in zip(got[1:], want[1:]):
+        assert g == w if isinstance(w, int) else torch.equal(g, w)
+    exp_counts = got[-1]
+    assert int(exp_counts.sum()) == 40 * k
+    expect = switch_balance(logits, exp_counts, 40 * k)
+    assert glob.terms.balance.item() == pytest.approx(expect.item(), rel=1e-5)
+    assert got[0].item() == pytest.approx(0.01 * expect.item(), rel=1e-5)
+    deepspeed = local.terms.balance.item()
+    assert deepspeed == pytest.approx(deepspeed_first_choice_balance(logits).item(), rel=1e-5)
+    if k == 1:
+        assert glob.terms.balance.item() == pytest.approx(deepspeed, rel=1e-6)
+    else:  # the mean of DeepSpeed's first-choice term and the same term over the second choices
+        second = exp_counts - torch.bincount(logits.argmax(dim=1), minlength=4)
+        halfway = (deepspeed + switch_balance(logits, second, 40).item()) / 2
+        assert glob.terms.balance.item() == pytest.approx(halfway, rel=1e-5)
+        assert abs(glob.terms.balance.item() - deepspeed) > 1e-3
+    got[0].backward()
+    assert glob.wg.weight.grad.abs().sum() > 0, "the global balance loss trains the router"
+    stats = glob.stats.take(torch.device("cpu"))
+    assert torch.allclose(stats[:4], exp_counts.double() / (40 * k)), "statistics read the counts DeepSpeed returns"
 
 
 def test_building_a_baseline_gate_draws_no_random_numbers():
