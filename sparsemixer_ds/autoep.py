@@ -154,9 +154,9 @@ def _autoep_specs(model: nn.Module, ds_config: dict, source: str):
 
     section = ds_config.get("expert_parallel") or {}
     if not section.get("enabled"):
-        raise AutoEPError(f"{source}: expert_parallel.enabled is not true, so deepspeed.initialize would not build "
-                          "AutoEP layers for SparseMixer to route; add \"expert_parallel\": {\"enabled\": true, "
-                          "\"autoep_size\": N, \"preset_model\": ...}")
+        raise AutoEPError(f"{source}: expert_parallel.enabled is {section.get('enabled')!r}, not true, so "
+                          "deepspeed.initialize would not build AutoEP layers for SparseMixer to route; add "
+                          "\"expert_parallel\": {\"enabled\": true, \"autoep_size\": N, \"preset_model\": ...}")
     if section.get("score_apply") == "pre":
         raise AutoEPError(f"{source}: expert_parallel.score_apply=\"pre\" would multiply the weights into the "
                           "experts' inputs; SparseMixer's gradient needs them on the outputs: set \"post\" or "

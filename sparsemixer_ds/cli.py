@@ -4,6 +4,7 @@
     sparsemixer-ds check --config configs/cpu_small.yaml --world-size 2  # what a launch script runs first
     deepspeed --num_gpus 2 --module sparsemixer_ds.cli train --config configs/cpu_small.yaml
     sparsemixer-ds export --run runs/cpu_small --out runs/cpu_small/model.safetensors
+    sparsemixer-ds export --run runs/cpu_phimoe --format hf --out runs/cpu_phimoe/hf  # transformers' from_pretrained
     sparsemixer-ds generate --export runs/cpu_small/model.safetensors --prompt "def main("
 """
 import argparse
@@ -33,13 +34,14 @@ def _train(args: argparse.Namespace) -> None:
     from .train import summary, train
     from deepspeed import comm as dist
     cfg = load_config(Path(args.config) if args.config else None, args.set)
-    last = train(cfg, resume=args.resume_tag or args.resume)
+    last = train(cfg, resume=args.resume_tag or args.resume, init_from=args.init_from)
     if dist.get_rank() == 0:
         print(summary(cfg, last), flush=True)
 
 
 def _check(args: argparse.Namespace) -> None:
     from .config import load_config, total_steps
+    from .families import get_family
     from .train import preflight
     if args.world_size < 1:
         raise ConfigError(f"--world-size must be >= 1 (the ranks the launch will start); got {args.world_size}")
@@ -50,7 +52,7 @@ def _check(args: argparse.Namespace) -> None:
         if is_this_host(args.master_addr):  # rank 0 listens there; another host's ports are not visible here
             check_master_port(args.master_addr, args.master_port)
     cfg = load_config(Path(args.config) if args.config else None, args.set)
-    plan = preflight(cfg, args.world_size, args.resume_tag or args.resume)
+    plan = preflight(cfg, args.world_size, args.resume_tag or args.resume, init_from=args.init_from)
     if plan.resume_tag is not None:
         from .rundir import RunDir
         run = RunDir(cfg.run_dir)
@@ -61,11 +63,17 @@ def _check(args: argparse.Namespace) -> None:
         lock = RunLock(cfg.run_dir, launch_token(), "launch script", pid=os.getppid()).acquire()
         print(f"lock: {lock.path}")
     print(f"ok: {args.world_size} ranks, {args.world_size // cfg.moe.ep_size} expert-parallel group(s) of "
-          f"{cfg.moe.ep_size}, {cfg.moe.num_experts} experts per MoE layer, {total_steps(cfg, args.world_size)} "
+          f"{cfg.moe.ep_size}, {get_family(cfg).experts_per_layer(cfg)} experts per MoE layer, {total_steps(cfg, args.world_size)} "
           f"steps, run_dir {cfg.run_dir}")
 
 
 def _export(args: argparse.Namespace) -> None:
+    if args.format == "hf":
+        from .hf_checkpoint import export_hf
+        for note in export_hf(Path(args.run), Path(args.out), tag=args.tag):
+            print(f"note: {note}", file=sys.stderr)
+        print(f"wrote {args.out} (transformers: AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained)")
+        return
     from .export import export
     path = export(Path(args.run), Path(args.out), tag=args.tag)
     print(f"wrote {path}")
@@ -130,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume-tag", metavar="TAG",
                    help="continue from exactly this checkpoint, e.g. step_00000400, or stop if it is damaged "
                         "(implies --resume)")
+    p.add_argument("--init-from", metavar="DIR",
+                   help="start a new model.family hf run from the weights of a local Hugging Face model directory "
+                        "(sparsemixer-ds export --format hf, or save_pretrained) whose config.json fixes the same "
+                        "shapes; not with --resume")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("check", help="check a run's configs, data and run directory for a world size; start nothing")
@@ -137,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for train")
     p.add_argument("--resume", action="store_true", help="as for train; lists the checkpoints and their state")
     p.add_argument("--resume-tag", metavar="TAG", help="as for train")
+    p.add_argument("--init-from", metavar="DIR", help="as for train")
     p.add_argument("--world-size", type=int, required=True, help="total number of ranks the launch will start")
     p.add_argument("--lock", action="store_true",
                    help="take run_dir's lock for the launch that runs this check (the parent process), until its "
@@ -146,10 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the port they meet at: refused if MASTER_ADDR is this host and the port is not free here")
     p.set_defaults(func=_check)
 
-    p = sub.add_parser("export", help="a checkpoint -> one consolidated file (all experts) + config")
+    p = sub.add_parser("export", help="a checkpoint -> one consolidated file (all experts) + config, or a Hugging "
+                                      "Face model directory")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--tag", help="checkpoint tag (default: the newest)")
-    p.add_argument("--out", required=True, help="output file, e.g. model.safetensors")
+    p.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
+                   help="safetensors: one file for sparsemixer-ds generate (default); hf: a directory that "
+                        "transformers' from_pretrained loads (model.family hf runs)")
+    p.add_argument("--out", required=True,
+                   help="output file, e.g. model.safetensors; with --format hf a new or empty directory")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint or an export")

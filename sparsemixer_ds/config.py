@@ -299,20 +299,22 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.run_dir.strip() != "", f"run_dir must name a directory; got {cfg.run_dir!r}, which would write the "
              "run into the current directory; set run_dir, e.g. runs/my_run")
     _require(m.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 takes it from the data); got {m.vocab_size}")
-    _require(m.d_model % m.n_heads == 0,
-             f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
-    _require(m.positions in ("rotary", "learned"), f"model.positions must be 'rotary' or 'learned'; got {m.positions!r}")
-    _require(m.positions != "rotary" or (m.d_model // m.n_heads) % 2 == 0,
-             f"rotary positions need an even head size; d_model / n_heads = {m.d_model // m.n_heads}")
-    _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1); got {m.dropout}")
     _require(moe.router in ROUTERS, f"moe.router must be one of {', '.join(ROUTERS)}; got {moe.router!r}")
-    _require(moe.top_k in ROUTERS[moe.router].top_k,
-             f"moe.top_k={moe.top_k} does not fit moe.router={moe.router!r}, which takes top_k in "
-             f"{list(ROUTERS[moe.router].top_k)}")
-    _require(moe.top_k <= moe.num_experts, f"moe.top_k={moe.top_k} exceeds moe.num_experts={moe.num_experts}")
-    _require(moe.num_experts % moe.ep_size == 0,
-             f"moe.num_experts={moe.num_experts} must be divisible by moe.ep_size={moe.ep_size}: each rank of an "
-             "expert-parallel group holds num_experts / ep_size experts")
+    if m.family == "native":  # family hf: the HF config holds the architecture, checked in sparsemixer_ds.hf
+        _require(m.d_model % m.n_heads == 0,
+                 f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+        _require(m.positions in ("rotary", "learned"),
+                 f"model.positions must be 'rotary' or 'learned'; got {m.positions!r}")
+        _require(m.positions != "rotary" or (m.d_model // m.n_heads) % 2 == 0,
+                 f"rotary positions need an even head size; d_model / n_heads = {m.d_model // m.n_heads}")
+        _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1); got {m.dropout}")
+        _require(moe.top_k in ROUTERS[moe.router].top_k,
+                 f"moe.top_k={moe.top_k} does not fit moe.router={moe.router!r}, which takes top_k in "
+                 f"{list(ROUTERS[moe.router].top_k)}")
+        _require(moe.top_k <= moe.num_experts, f"moe.top_k={moe.top_k} exceeds moe.num_experts={moe.num_experts}")
+        _require(moe.num_experts % moe.ep_size == 0,
+                 f"moe.num_experts={moe.num_experts} must be divisible by moe.ep_size={moe.ep_size}: each rank of an "
+                 "expert-parallel group holds num_experts / ep_size experts")
     for key, value in (("moe.capacity_factor", moe.capacity_factor),
                        ("moe.eval_capacity_factor", moe.eval_capacity_factor)):
         _require(0.0 < value <= 64.0, f"{key} must be in (0, 64] (1.0 to 2.0 is usual); got {value}")

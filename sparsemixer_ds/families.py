@@ -7,6 +7,7 @@ chosen by the run config's ``model.family``. A family says, before any model exi
   into a run with the same values;
 - ``ds_config(cfg, ds, source)``: what it needs of the DeepSpeed JSON: it refuses settings it cannot
   run (a ConfigError naming ``source``) and returns the keys to add;
+- ``experts_per_layer(cfg)``: E, for what a launch reports;
 - ``memory_estimate(cfg, ds, world) -> MemoryEstimate``: the training state one rank holds (weights,
   gradients, AdamW state), for the pre-flight check that the model fits (``training_state`` does the
   arithmetic from parameter counts);
@@ -96,6 +97,9 @@ class ModelFamily(Protocol):
     def ds_config(self, cfg: RunConfig, ds: dict, source: str) -> dict:
         ...
 
+    def experts_per_layer(self, cfg: RunConfig) -> int:
+        ...
+
     def memory_estimate(self, cfg: RunConfig, ds: dict, world: int) -> MemoryEstimate:
         ...
 
@@ -115,6 +119,9 @@ class NativeFamily:
 
     def build(self, cfg: RunConfig) -> MoELM:
         return MoELM(cfg.model, cfg.moe)
+
+    def experts_per_layer(self, cfg: RunConfig) -> int:
+        return cfg.moe.num_experts
 
     def ds_config(self, cfg: RunConfig, ds: dict, source: str) -> dict:
         stage = ds.get("zero_optimization", {}).get("stage", 0)
@@ -150,6 +157,10 @@ class HFFamily:
         config = hf.hf_config(cfg)
         return hf.build(cfg, {"expert_parallel": hf.expert_parallel(cfg, config, {}, "the run config")},
                         "the run config")
+
+    def experts_per_layer(self, cfg: RunConfig) -> int:
+        from . import hf
+        return hf.num_experts(hf.hf_config(cfg))
 
     def ds_config(self, cfg: RunConfig, ds: dict, source: str) -> dict:
         """The expert_parallel section AutoEP needs, checked against the model (built on the meta

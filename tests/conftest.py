@@ -80,3 +80,19 @@ def corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "stdlib-slice"
     prepare([str(p) for p in default_corpus()[:60]], out, tokenizer="bytes", val_fraction=0.1, progress=False)
     return out
+
+
+def assert_resumed_as_uninterrupted(run_dir, finished_run, from_step):
+    """After the ``resumed`` record, the run logged what the uninterrupted one did, to the last step."""
+    full, records = run_metrics(finished_run), run_metrics(run_dir)
+    marks = [i for i, m in enumerate(records) if m.get("resumed")]
+    assert len(marks) == 1 and records[marks[0]]["step"] == from_step
+    saved = [m for m in full if m["step"] == from_step and "val_loss" in m][0]
+    assert records[marks[0]]["val_loss"] == pytest.approx(saved["val_loss"], rel=1e-6), "the model as saved"
+    want = [m for m in full if m["step"] > from_step]
+    got = records[marks[0] + 1:]
+    assert [m["step"] for m in got] == [m["step"] for m in want]
+    for w, g in zip(want, got):
+        for key in ("loss", "balance_loss", "lr", "val_loss"):
+            if key in w:
+                assert g[key] == pytest.approx(w[key], rel=1e-6, abs=1e-7), (w["step"], key)

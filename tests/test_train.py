@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, free_port, launch_env, rank_pids, run_metrics, set_args
+from conftest import REPO, assert_resumed_as_uninterrupted, free_port, launch_env, rank_pids, run_metrics, set_args
 
 from safetensors.torch import load_file
 
@@ -98,22 +98,6 @@ def finished_run(tmp_path_factory, corpus):
     run_dir = tmp_path_factory.mktemp("runs") / "full"
     launch(run_dir, corpus, *FINISHED)
     return run_dir
-
-
-def assert_resumed_as_uninterrupted(run_dir, finished_run, from_step):
-    """After the ``resumed`` record, the run logged what the uninterrupted one did, to the last step."""
-    full, records = run_metrics(finished_run), run_metrics(run_dir)
-    marks = [i for i, m in enumerate(records) if m.get("resumed")]
-    assert len(marks) == 1 and records[marks[0]]["step"] == from_step
-    saved = [m for m in full if m["step"] == from_step and "val_loss" in m][0]
-    assert records[marks[0]]["val_loss"] == pytest.approx(saved["val_loss"], rel=1e-6), "the model as saved"
-    want = [m for m in full if m["step"] > from_step]
-    got = records[marks[0] + 1:]
-    assert [m["step"] for m in got] == [m["step"] for m in want]
-    for w, g in zip(want, got):
-        for key in ("loss", "balance_loss", "lr", "val_loss"):
-            if key in w:
-                assert g[key] == pytest.approx(w[key], rel=1e-6, abs=1e-7), (w["step"], key)
 
 
 def test_a_rank_killed_while_saving_resumes_to_the_uninterrupted_result(tmp_path, corpus, finished_run):
