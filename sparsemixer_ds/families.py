@@ -8,6 +8,8 @@ chosen by the run config's ``model.family``. A family says, before any model exi
 - ``ds_config(cfg, ds, source)``: what it needs of the DeepSpeed JSON: it refuses settings it cannot
   run (a ConfigError naming ``source``) and returns the keys to add;
 - ``experts_per_layer(cfg)``: E, for what a launch reports;
+- ``check_resume(checkpoint, saved, cfg, ds, world)``: refuses a resume of the checkpoint directory
+  (saved by a run with config ``saved``) onto a layout its family cannot load it on;
 - ``memory_estimate(cfg, ds, world) -> MemoryEstimate``: the training state one rank holds (weights,
   gradients, AdamW state), for the pre-flight check that the model fits (``training_state`` does the
   arithmetic from parameter counts);
@@ -26,6 +28,7 @@ Families: ``native``, this project's decoder LM on DeepSpeed's MoE layer (sparse
 ``hf``, a Hugging Face MoE model (PhiMoE, Mixtral, Qwen3-MoE) whose MoE blocks DeepSpeed's AutoEP
 replaces, routed by SparseMixer (sparsemixer_ds.hf, sparsemixer_ds.autoep).
 """
+from pathlib import Path
 from typing import Dict, List, NamedTuple, Protocol, Tuple
 
 import torch
@@ -103,6 +106,9 @@ class ModelFamily(Protocol):
     def memory_estimate(self, cfg: RunConfig, ds: dict, world: int) -> MemoryEstimate:
         ...
 
+    def check_resume(self, checkpoint: Path, saved: RunConfig, cfg: RunConfig, ds: dict, world: int) -> None:
+        ...
+
     def export_state(self, model: nn.Module) -> Dict[str, torch.Tensor]:
         ...
 
@@ -138,6 +144,9 @@ class NativeFamily:
         expert = sum(p.numel() for p in model.parameters() if is_moe_param(p))
         dense = sum(p.numel() for p in model.parameters()) - expert
         return training_state(dense, expert, ds, world, cfg.moe.ep_size)
+
+    def check_resume(self, checkpoint: Path, saved: RunConfig, cfg: RunConfig, ds: dict, world: int) -> None:
+        """DeepSpeed's MoE checkpoints (ZeRO 0-2, each expert in a file of its own) load onto any layout."""
 
     def export_state(self, model: nn.Module) -> Dict[str, torch.Tensor]:
         return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
@@ -177,6 +186,27 @@ class HFFamily:
         except autoep.AutoEPError as err:
             raise ConfigError(str(err)) from None
         return {"expert_parallel": section}
+
+    def check_resume(self, checkpoint: Path, saved: RunConfig, cfg: RunConfig, ds: dict, world: int) -> None:
+        """A ZeRO-3 checkpoint holds each rank's partition (zero_pp_rank_R_mp_rank_00_model_states.pt), and
+        DeepSpeed 0.19 loads an AutoEP one only onto the same ranks and ep_size, under ZeRO-3 again: refused
+        here, before any rank starts, rather than by every rank after it has built the model. Checkpoints
+        saved under ZeRO 0-2 (each expert in a file of its own) resume onto any layout."""
+        partitions = len(list(checkpoint.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")))
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        if not partitions:
+            if stage == 3:
+                raise ConfigError(f"--resume: {checkpoint.name} was saved under ZeRO stage 0-2, and DeepSpeed's AutoEP "
+                                  "cannot load it into a ZeRO-3 engine; resume with the run's ZeRO stage (its "
+                                  "ds_config.json), then start a ZeRO-3 run from an export (--init-from)")
+            return
+        layout = (partitions, saved.moe.ep_size, 3)
+        if (world, cfg.moe.ep_size, stage) != layout:
+            raise ConfigError(f"--resume: {checkpoint.name} was saved under ZeRO-3 by {partitions} ranks with "
+                              f"moe.ep_size={saved.moe.ep_size}, and DeepSpeed's AutoEP loads a ZeRO-3 checkpoint "
+                              f"only onto that layout (now: {world} ranks, moe.ep_size={cfg.moe.ep_size}, ZeRO stage "
+                              f"{stage}); resume with {partitions} ranks, moe.ep_size={saved.moe.ep_size} and ZeRO-3. "
+                              "Checkpoints saved under ZeRO 0-2 resume onto any layout")
 
     def memory_estimate(self, cfg: RunConfig, ds: dict, world: int) -> MemoryEstimate:
         """Parameters counted on the meta device; AutoEP keeps num_experts / ep_size experts per rank."""

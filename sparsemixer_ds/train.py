@@ -26,6 +26,7 @@ from .comm import discover_mpi, init_distributed
 from .config import ConfigError, RunConfig, RunError, load_ds_config, total_steps
 from .data import Batches, eval_batches, model_vocab_size, open_split
 from .families import get_family
+from .hf_checkpoint import InitSource, check_init_from, load_init_weights
 from .machine import check_memory, check_precision
 from .metrics import Metrics, Throughput, all_mean
 from .optim import apply_schedule, make_adamw, make_schedule
@@ -76,13 +77,15 @@ class Plan(NamedTuple):
     resume_tag: Optional[str]
     checkpoints: Tuple[TagState, ...] = ()  # the tags verified to choose resume_tag
     changes: Tuple[str, ...] = ()  # the settings a resume changes, said as they happen
+    init_from: Optional[InitSource] = None  # --init-from: the HF checkpoint the weights start from
 
 
-def preflight(cfg: RunConfig, world: int, resume: Union[bool, str]) -> Plan:
+def preflight(cfg: RunConfig, world: int, resume: Union[bool, str], init_from: Optional[str] = None) -> Plan:
     """Every check that needs files but no processes: run by each rank before training, and by
     ``sparsemixer-ds check`` before a launch script starts any rank. Fills in model.vocab_size.
     ``resume``: False, True (the newest intact checkpoint) or a tag (exactly that one, --resume-tag);
-    the checkpoint is verified here, and what was passed over is said once (rank 0, or check)."""
+    the checkpoint is verified here, and what was passed over is said once (rank 0, or check).
+    ``init_from``: a Hugging Face model directory to take the weights from (sparsemixer_ds.hf_checkpoint)."""
     family = get_family(cfg)
     if world % cfg.moe.ep_size:
         raise ConfigError(f"world size {world} is not divisible by moe.ep_size={cfg.moe.ep_size}; "
@@ -94,17 +97,23 @@ def preflight(cfg: RunConfig, world: int, resume: Union[bool, str]) -> Plan:
         cfg.model.vocab_size = model_vocab_size(Path(cfg.data.path), cfg.model.vocab_size)
     except FileNotFoundError as err:
         raise ConfigError(f"data.path: {err}") from None
+    source = check_init_from(cfg, init_from, resume) if init_from is not None else None
+    if source is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+        for line in source.notes:
+            print(f"--init-from: {line}", file=sys.stderr, flush=True)
     check_memory(family.memory_estimate(cfg, ds_config, world), world, cfg.moe.ep_size, cfg.ds_config)
     loaders(cfg, 0, world)
     check_lock(cfg.run_dir, launch_token())  # before the run directory's state: a running run writes it
     run = RunDir(cfg.run_dir)
     resume_tag = run.check(cfg, resume)
     changes = run.resume_changes(cfg, family.shape_keys, resume_tag, world) if resume_tag is not None else []
+    if resume_tag is not None:
+        family.check_resume(run.checkpoints / resume_tag, run.saved_config(), cfg, ds_config, world)
     if resume_tag is not None and (not dist.is_initialized() or dist.get_rank() == 0):
         for line in run.notes(resume_tag) + [f"--resume: {change}" for change in changes]:
             print(line, file=sys.stderr, flush=True)
     run.fill_monitor_paths(ds_config)
-    return Plan(ds_config, resume_tag, tuple(run.verified.values()), tuple(changes))
+    return Plan(ds_config, resume_tag, tuple(run.verified.values()), tuple(changes), source)
 
 
 class Trainer:
@@ -120,7 +129,8 @@ class Trainer:
         if self.rank == 0:
             self.run.write_configs(cfg, plan.ds_config, {
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "world_size": self.world,
-                "resumed_from": plan.resume_tag, "changes": list(plan.changes)})
+                "resumed_from": plan.resume_tag, "changes": list(plan.changes),
+                "init_from": plan.init_from and plan.init_from.path})
         print(f"[rank {self.rank}/{self.world}] host {socket.gethostname()}, local rank "
               f"{os.environ.get('LOCAL_RANK', '0')}, expert-parallel group {self.rank // cfg.moe.ep_size} of size "
               f"{cfg.moe.ep_size}", flush=True)
@@ -128,6 +138,9 @@ class Trainer:
         self.total = total_steps(cfg, self.world)
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         model = get_family(cfg).build(cfg)
+        self.init_from = plan.init_from
+        if self.init_from is not None:  # before deepspeed.initialize: AutoEP repacks the loaded experts
+            load_init_weights(model, self.init_from)
         ds = plan.ds_config
         mixed = any(ds.get(key, {}).get("enabled") for key in ("bf16", "fp16"))
         stage0 = ds.get("zero_optimization", {}).get("stage", 0) == 0
@@ -161,6 +174,10 @@ class Trainer:
             # The model as loaded, on this run's layout: comparable with the saved run's evaluation at this step.
             result = evaluate(self.engine, self.val_batches, self.cfg.train.seed, start, self.rank, self.device)
             self.metrics.write({"step": start, "resumed": True, **result})
+        elif self.init_from is not None:
+            # The checkpoint as this run computes it, before any step: comparable with its own evaluation.
+            result = evaluate(self.engine, self.val_batches, self.cfg.train.seed, 0, self.rank, self.device)
+            self.metrics.write({"step": 0, "init_from": self.init_from.path, **result})
         self.last = {"step": start}
         self.progress = tqdm(total=self.total, initial=start, disable=self.rank != 0 or not self.cfg.logging.progress,
                              file=sys.stderr, dynamic_ncols=True, desc="train")
@@ -247,15 +264,16 @@ class Trainer:
         return self.last
 
 
-def train(cfg: RunConfig, resume: Union[bool, str] = False) -> dict:
-    """Train ``cfg`` on the ranks the launcher started; returns the final metrics (on every rank)."""
+def train(cfg: RunConfig, resume: Union[bool, str] = False, init_from: Optional[str] = None) -> dict:
+    """Train ``cfg`` on the ranks the launcher started, from ``init_from``'s weights if given (a Hugging
+    Face model directory); returns the final metrics (on every rank)."""
     discover_mpi()
     init_distributed(cfg.train.collective_timeout_s)
     watchdog = Watchdog.start(cfg.train.collective_timeout_s)  # a stalled rank ends the job, named
     request = StopRequest(cfg.train.stop_grace_s, dist.get_rank())
     lock = RunLock(cfg.run_dir, launch_token(), "rank 0 of sparsemixer-ds train")
     try:
-        plan = preflight(cfg, dist.get_world_size(), resume)
+        plan = preflight(cfg, dist.get_world_size(), resume, init_from)
         if dist.get_rank() == 0:
             lock.acquire().keep_fresh()  # the launch script's lock passes to the run, or a bare launch takes it
         trainer = Trainer(cfg, plan)

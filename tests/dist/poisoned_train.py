@@ -11,17 +11,19 @@ import sys
 
 from sparsemixer_ds import cli
 from sparsemixer_ds.comm import exit_rank
+from sparsemixer_ds.hf import HFLanguageModel
 from sparsemixer_ds.model import MoELM
 
 STEPS = {int(s) for s in os.environ["POISON_STEPS"].split(",") if s}
 RANK = int(os.environ["POISON_RANK"])
 MODE = os.environ["POISON_MODE"]
-clean_forward = MoELM.forward
+clean_forwards = {MoELM: MoELM.forward, HFLanguageModel: HFLanguageModel.forward}  # both model families
 calls = {"train": 0}
 
 
 def poisoned_forward(self, tokens, targets=None):
-    out = clean_forward(self, tokens, targets)
+    family = MoELM if isinstance(self, MoELM) else HFLanguageModel
+    out = clean_forwards[family](self, tokens, targets)
     if not self.training:
         return out
     step = calls["train"]  # one micro-step per optimizer step in these tests
@@ -34,5 +36,5 @@ def poisoned_forward(self, tokens, targets=None):
     return out
 
 
-MoELM.forward = poisoned_forward
+MoELM.forward = HFLanguageModel.forward = poisoned_forward
 exit_rank(cli.main(sys.argv[1:]))  # as python -m sparsemixer_ds.cli ends
