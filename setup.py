@@ -24,7 +24,7 @@ setup(
         "safetensors>=0.4",  # exports: weights in a format that cannot carry code
         # Hugging Face MoE models (model.family hf) under DeepSpeed 0.19's AutoEP, which works with these
         # releases only (sparsemixer_ds.hf.TRANSFORMERS_RANGE says the same and names a wrong one).
-        "transformers>=5.0,<5.24",
+        "transformers>=5.0,<5.23,!=5.4.0",
     ],
     entry_points={"console_scripts": ["sparsemixer-ds = sparsemixer_ds.cli:main"]},
     extras_require={

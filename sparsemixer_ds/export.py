@@ -44,18 +44,54 @@ def _single_process_group() -> None:
 
 def load_checkpoint_model(run_dir: Path, tag: Optional[str] = None) -> Tuple[torch.nn.Module, RunConfig]:
     """The model of a run's checkpoint (the newest unless ``tag``), all experts on this process
-    (ep_size = 1), on the CPU."""
+    (ep_size = 1), on the CPU. Family hf: AutoEP's layers, each holding every expert."""
     import deepspeed
     run = RunDir(run_dir)
     tag = run.checkpoint(tag)
     cfg = run.saved_config()
     cfg.moe.ep_size = 1
     _single_process_group()
+    family = get_family(cfg)
+    ds = {"train_micro_batch_size_per_gpu": 1}
+    ds.update(family.ds_config(cfg, ds, "export"))  # family hf: AutoEP's section, so its layers exist before loading
     torch.manual_seed(0)
-    model = get_family(cfg).build(cfg)
-    engine, _, _, _ = deepspeed.initialize(model=model, config={"train_micro_batch_size_per_gpu": 1})
-    run.load_weights(engine, tag)
+    model = family.build(cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds)
+    if list((run.checkpoints / tag).glob("zero_pp_rank_*_mp_rank_00_model_states.pt")):
+        _load_zero3_weights(engine.module, run.checkpoints / tag)
+    else:
+        run.load_weights(engine, tag)
     return engine.module.float().cpu().eval(), cfg
+
+
+def _load_zero3_weights(module: torch.nn.Module, checkpoint_dir: Path) -> None:
+    """A ZeRO-3 checkpoint's weights (each rank's partitions; AutoEP's experts partitioned over their
+    groups), which DeepSpeed loads only onto the layout that saved them, into ``module`` on this one
+    process: DeepSpeed's universal-checkpoint conversion consolidates every parameter (experts by
+    their global index) into a temporary directory (weights and AdamW moments: three times the
+    model's fp32 size on disk for a while), read back name by name."""
+    import argparse
+    import contextlib
+    import sys
+    import tempfile
+    from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+    missing = []
+    with tempfile.TemporaryDirectory(prefix="sparsemixer-export-") as tmp, contextlib.redirect_stdout(sys.stderr):
+        to_universal(argparse.Namespace(input_folder=str(checkpoint_dir), output_folder=tmp, num_extract_workers=1,
+                                        num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                        inject_missing_state=False))
+        with torch.no_grad():
+            for name, param in module.named_parameters():  # a tied parameter once, under its first name
+                path = Path(tmp) / "zero" / name / "fp32.pt"
+                if path.is_file():
+                    saved = torch.load(path, map_location="cpu", weights_only=True)
+                    param.copy_((saved["param"] if isinstance(saved, dict) else saved).view(param.shape))  # experts: a dict
+                else:
+                    missing.append(name)
+    if missing:
+        raise ConfigError(f"{checkpoint_dir}: DeepSpeed's conversion of this ZeRO-3 checkpoint holds no "
+                          f"{_names(missing)}; it does not belong to this run's model (its config.yaml)")
 
 
 def export(run_dir: Path, out_path: Path, tag: Optional[str] = None) -> Path:

@@ -30,7 +30,7 @@ from .model import LMOutput
 from .moe import RoutingStats
 from .routers import ROUTERS
 
-__all__ = ["MODEL_TYPES", "TRANSFORMERS_RANGE", "check_transformers", "hf_config", "expert_parallel", "options",
+__all__ = ["MODEL_TYPES", "TRANSFORMERS_RANGE", "TRANSFORMERS_BROKEN", "check_transformers", "hf_config", "expert_parallel", "options",
            "build", "HFLanguageModel"]
 
 # What AutoEP needs to find each architecture's MoE blocks: its preset, or for PhiMoE (no preset in
@@ -45,8 +45,12 @@ MODEL_TYPES: Dict[str, Dict[str, Any]] = {
     "qwen3_moe": {"preset_model": "qwen3_moe"},
 }
 
-# transformers releases whose MoE blocks DeepSpeed 0.19's AutoEP replaces (found by trying each).
-TRANSFORMERS_RANGE = ("5.0.0", "5.24.0")  # [lowest, first that fails)
+# transformers releases whose MoE blocks DeepSpeed 0.19's AutoEP replaces, found by trying every 5.x minor (and
+# every patch of 5.22): 4.57 keeps experts in module lists the presets do not read; from 5.23 on the output
+# recorders' registry changed its get() and AutoEP's Mixtral and Qwen3-MoE presets fail inside initialize; 5.4.0's
+# PhimoeConfig refuses tie_word_embeddings as a bool (its own bug, fixed in 5.5).
+TRANSFORMERS_RANGE = ("5.0.0", "5.23.0")  # [lowest, first that fails)
+TRANSFORMERS_BROKEN = ("5.4.0",)
 
 
 def _version(text: str):
@@ -58,10 +62,12 @@ def check_transformers() -> None:
     import deepspeed
     import transformers
     low, high = TRANSFORMERS_RANGE
-    if not _version(low) <= _version(transformers.__version__) < _version(high):
+    version = _version(transformers.__version__)
+    if not _version(low) <= version < _version(high) or version in map(_version, TRANSFORMERS_BROKEN):
         raise ConfigError(f"model.family hf: transformers {transformers.__version__} does not work with DeepSpeed "
-                          f"{deepspeed.__version__}'s AutoEP, which needs transformers >= {low}, < {high}; install "
-                          f"one: pip install 'transformers>={low},<{high}'")
+                          f"{deepspeed.__version__}'s AutoEP, which needs transformers >= {low}, < {high}, not "
+                          f"{', '.join(TRANSFORMERS_BROKEN)}; install one: pip install 'transformers>={low},<{high},"
+                          f"{','.join('!=' + v for v in TRANSFORMERS_BROKEN)}'")
 
 
 def _fields(cfg: RunConfig) -> Dict[str, Any]:

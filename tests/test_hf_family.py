@@ -174,9 +174,11 @@ def test_a_bad_hf_setup_is_refused_before_any_work(tmp_path, corpus):
 
 def test_an_unsupported_transformers_release_is_named(tmp_path, corpus, monkeypatch):
     import transformers
-    monkeypatch.setattr(transformers, "__version__", "5.24.0")
-    message = refused(tmp_path, corpus)
-    assert "transformers 5.24.0 does not work with DeepSpeed" in message and ">= 5.0.0, < 5.24.0" in message
+    for version in ("5.23.0", "4.57.6", "5.4.0"):
+        monkeypatch.setattr(transformers, "__version__", version)
+        message = refused(tmp_path, corpus)
+        assert f"transformers {version} does not work with DeepSpeed" in message
+        assert "pip install 'transformers>=5.0.0,<5.23.0,!=5.4.0'" in message
 
 
 def test_the_hf_config_can_come_from_a_config_json_and_set_overrides_merge(tmp_path, corpus):
