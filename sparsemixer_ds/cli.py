@@ -68,6 +68,13 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    from .rundir import RunDir
+    family = RunDir(args.run).saved_config().model.family if Path(args.run, "config.yaml").is_file() else None
+    if args.format is None:  # a Hugging Face model goes out as one, this project's own as one file
+        args.format = "hf" if family == "hf" else "safetensors"
+    if args.format == "safetensors" and family == "hf":
+        raise ConfigError(f"--format safetensors: {args.run} trained a Hugging Face model (model.family hf); export "
+                          "it with --format hf, a directory transformers' from_pretrained loads")
     if args.format == "hf":
         from .hf_checkpoint import export_hf
         for note in export_hf(Path(args.run), Path(args.out), tag=args.tag):
@@ -93,6 +100,11 @@ def _generate(args: argparse.Namespace) -> None:
         raise ConfigError(f"--top-k must be >= 0 (0: sample among all tokens); got {args.top_k}")
     from .data import BpeTokenizer, ByteTokenizer, tokenizer_record
     from .export import load_checkpoint_model, load_export
+    from .model import sample
+    if args.export and Path(args.export).is_dir():
+        raise ConfigError(f"--export {args.export} is a directory: a Hugging Face export (export --format hf), "
+                          "which transformers samples from (AutoModelForCausalLM.from_pretrained(DIR).generate); "
+                          "generate reads a safetensors export file, or a run with --run")
     if args.export:
         model, cfg, record = load_export(Path(args.export))
     else:
@@ -101,8 +113,8 @@ def _generate(args: argparse.Namespace) -> None:
     tokenizer = ByteTokenizer() if record["kind"] == "bytes" else BpeTokenizer.from_json(record["json"])
     torch.manual_seed(args.seed)
     prompt = tokenizer.encode(args.prompt) or [tokenizer.eos_id]
-    out = model.generate(torch.tensor([prompt]), args.tokens, temperature=args.temperature, top_k=args.top_k,
-                         stop_id=tokenizer.eos_id)
+    out = sample(model, torch.tensor([prompt]), args.tokens, cfg.model.seq_len, args.temperature, args.top_k,
+                 tokenizer.eos_id)
     print(tokenizer.decode(out[0].tolist()))
 
 
@@ -163,9 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "Face model directory")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--tag", help="checkpoint tag (default: the newest)")
-    p.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
-                   help="safetensors: one file for sparsemixer-ds generate (default); hf: a directory that "
-                        "transformers' from_pretrained loads (model.family hf runs)")
+    p.add_argument("--format", choices=("safetensors", "hf"), default=None,
+                   help="safetensors: one file for sparsemixer-ds generate (native runs' default); hf: a directory "
+                        "that transformers' from_pretrained loads (model.family hf runs' default and only format)")
     p.add_argument("--out", required=True,
                    help="output file, e.g. model.safetensors; with --format hf a new or empty directory")
     p.set_defaults(func=_export)

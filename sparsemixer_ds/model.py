@@ -151,22 +151,28 @@ class MoELM(nn.Module):
         """Each MoE layer's routing statistics, in layer order (sparsemixer_ds.moe.RoutingStats)."""
         return [gate.stats for gate in self.gates]
 
-    @torch.no_grad()
     def generate(self, tokens: torch.Tensor, new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                  stop_id: int = -1) -> torch.Tensor:
         """Sample ``new_tokens`` after ``tokens`` (1, T0); the window slides past seq_len."""
-        for _ in range(new_tokens):
-            window = tokens[:, -self.cfg.seq_len:]
-            logits = self(window).logits[:, -1, :].float()
-            if temperature <= 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k > 0:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, -math.inf)
-                nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1)
-            tokens = torch.cat([tokens, nxt], dim=1)
-            if int(nxt) == stop_id:
-                break
-        return tokens
+        return sample(self, tokens, new_tokens, self.cfg.seq_len, temperature, top_k, stop_id)
+
+
+@torch.no_grad()
+def sample(model: nn.Module, tokens: torch.Tensor, new_tokens: int, window: int, temperature: float = 1.0,
+           top_k: int = 0, stop_id: int = -1) -> torch.Tensor:
+    """Sample ``new_tokens`` after ``tokens`` (1, T0) from any model whose ``model(tokens).logits`` is
+    (1, T, V), each step reading the last ``window`` tokens; temperature 0 is greedy."""
+    for _ in range(new_tokens):
+        logits = model(tokens[:, -window:]).logits[:, -1, :].float()
+        if temperature <= 0:
+            nxt = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k > 0:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, -math.inf)
+            nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1)
+        tokens = torch.cat([tokens, nxt], dim=1)
+        if int(nxt) == stop_id:
+            break
+    return tokens
