@@ -331,3 +331,30 @@ def test_the_launch_check_takes_init_from(tmp_path, corpus, capsys):
     missing.mkdir()
     assert cli_main(["check", "--config", str(config), "--world-size", "1", "--init-from", str(missing)]) == 2
     assert "no config.json there" in capsys.readouterr().err
+
+
+def test_the_cli_exports_an_hf_run_as_hf_and_generates_from_its_checkpoint(runs, tmp_path):
+    """export without --format writes the HF directory, --format safetensors is refused naming the fix,
+    and generate --run samples greedily what the trained model's own argmax says."""
+    _, run_dir, _ = runs["phimoe"]
+    cli = [str(Path(sys.executable).parent / "sparsemixer-ds")]
+    # Not this process's world of one (its rendezvous port is held here): each command makes its own.
+    env = {k: v for k, v in launch_env().items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK",
+                                                              "WORLD_SIZE")}
+    refused = subprocess.run(cli + ["export", "--run", str(run_dir), "--format", "safetensors", "--out",
+                                    str(tmp_path / "m.safetensors")], capture_output=True, text=True, env=env)
+    assert refused.returncode == 2 and "export it with --format hf" in refused.stderr
+    assert not (tmp_path / "m.safetensors").exists()
+    done = subprocess.run(cli + ["export", "--run", str(run_dir), "--out", str(tmp_path / "hf")],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert type(hf_model(tmp_path / "hf")).__name__ == "PhimoeForCausalLM"
+    out = subprocess.run(cli + ["generate", "--run", str(run_dir), "--prompt", "def ", "--tokens", "5",
+                                "--temperature", "0"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    trained, _ = load_checkpoint_model(run_dir)
+    tokens = torch.tensor([list(b"def ")])
+    for _ in range(5):
+        tokens = torch.cat([tokens, trained(tokens).logits[:, -1:].argmax(-1)], dim=1)
+    want = bytes(t for t in tokens[0].tolist() if t < 256).decode("utf-8", "replace")
+    assert out.stdout.endswith(want + "\n"), (out.stdout[-300:], want)
