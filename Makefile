@@ -69,6 +69,10 @@ bench: setup $(DATA)/meta.json
 	$(BIN)/python benchmarks/model_step.py
 	$(BIN)/python benchmarks/fidelity.py
 	$(BIN)/python benchmarks/growth.py
+	$(BIN)/deepspeed --num_gpus 2 benchmarks/autoep.py --mode router
+	$(BIN)/deepspeed --num_gpus 2 benchmarks/autoep.py --mode family
+	for zero in 2 3; do $(BIN)/deepspeed --num_gpus 2 benchmarks/autoep.py --mode memory --zero $$zero --ep-size 1 \
+	  --hidden 512 --intermediate 1024 --batch 4 --repeats 5 || exit 1; done
 
 # The convergence study's short regime (about 45 minutes on 2 cores; results in benchmarks/results/).
 study: setup $(DATA)/meta.json
