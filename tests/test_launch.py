@@ -15,6 +15,8 @@ import pytest
 from conftest import REPO, free_port, launch_env, rank_pids, run_metrics, set_args
 
 SHORT = ["train.steps=4", "eval.interval=2", "checkpoint.interval=4", "logging.plot=false"]
+# A Hugging Face model (model.family hf) instead of the native one, for the paths that start it below.
+HF = ["--config", str(REPO / "tests" / "fixtures" / "tiny_phimoe.yaml")]
 
 
 def script(name):
@@ -107,23 +109,25 @@ def sshd(tmp_path_factory):
 
 
 def test_hostfile_over_ssh_and_pdsh_two_nodes(tmp_path, corpus, sshd):
+    """A Hugging Face PhiMoE (family hf) on two 'nodes' over ssh and pdsh."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# two 'nodes', both this machine\n127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
     env = launch_env()
     env["PDSH_SSH_ARGS_APPEND"] = sshd
-    proc = run(script("hostfile.sh") + ["--hostfile", str(hostfile), "--master-addr", "127.0.0.1", "--master-port",
-                                        str(free_port()), "--no-ssh-check"] + train_args(tmp_path / "run", corpus),
-               env=env)
+    proc = run(script("hostfile.sh") + HF + ["--hostfile", str(hostfile), "--master-addr", "127.0.0.1",
+                                             "--master-port", str(free_port()), "--no-ssh-check"]
+               + train_args(tmp_path / "run", corpus), env=env)
     assert_trained(tmp_path / "run", proc)
     log = proc.stdout + proc.stderr
     assert "127.0.0.2: [rank 1/2]" in log, "rank 1 ran on the second host, through pdsh"
 
 
 def test_per_node_launch_forms_one_world(tmp_path, corpus):
+    """A Hugging Face PhiMoE (family hf), one rank on each of two 'nodes'."""
     port = str(free_port())
     common = ["--nodes", "2", "--nproc", "1", "--master-addr", "127.0.0.1", "--master-port", port]
     args = train_args(tmp_path / "run", corpus)
-    nodes = [subprocess.Popen(script("node.sh") + ["--node-rank", str(r)] + common + args, cwd=REPO,
+    nodes = [subprocess.Popen(script("node.sh") + HF + ["--node-rank", str(r)] + common + args, cwd=REPO,
                               env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in (0, 1)]
     outs = [node.communicate(timeout=300)[0] for node in nodes]
@@ -150,8 +154,8 @@ def test_a_node_that_never_comes_fails_after_the_collective_timeout(tmp_path, co
 def test_mpirun_two_ranks(tmp_path, corpus, via_deepspeed):
     cmd = script("mpi.sh") + ["--nproc", "2", "--master-port", str(free_port()), "--mpirun-arg", "--mca",
                               "--mpirun-arg", "btl_tcp_if_include", "--mpirun-arg", "lo"]
-    if via_deepspeed:
-        cmd.append("--via-deepspeed")
+    if via_deepspeed:  # and a Hugging Face PhiMoE (family hf)
+        cmd += ["--via-deepspeed"] + HF
     proc = run(cmd + train_args(tmp_path / "run", corpus))
     assert_trained(tmp_path / "run", proc)
     if via_deepspeed:

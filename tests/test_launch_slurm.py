@@ -220,9 +220,11 @@ def slurm():
 
 
 def test_two_ranks_train_under_sbatch(slurm, tmp_path, corpus):
+    """A Hugging Face PhiMoE (family hf) under sbatch and srun."""
     output = tmp_path / "slurm-%j.out"
     run_dir = tmp_path / "run"
-    job_id = slurm.submit(output, "--master-port", str(free_port()), "--", *set_args(
+    hf = str(REPO / "tests" / "fixtures" / "tiny_phimoe.yaml")
+    job_id = slurm.submit(output, "--config", hf, "--master-port", str(free_port()), "--", *set_args(
         f"run_dir={run_dir}", f"data.path={corpus}", "train.steps=6", "eval.interval=3", "checkpoint.interval=3"))
     output = tmp_path / f"slurm-{job_id}.out"
     info = slurm.wait_done(job_id, 300, output)
