@@ -17,9 +17,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 
+# Where a job's ranks meet. A test that made a world of one in this process (an in-process export, say) left
+# them in os.environ, with the port held by this process: a job inheriting them would find its port taken.
+RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE")
+
+
 def launch_env() -> dict:
-    """The environment a launched job needs: this venv's bin first (the same ninja, the same python)."""
-    env = dict(os.environ)
+    """The environment a launched job needs: this venv's bin first (the same ninja, the same python), and no
+    rendezvous of this process's own (each job makes its own)."""
+    env = {key: value for key, value in os.environ.items() if key not in RENDEZVOUS}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
     return env

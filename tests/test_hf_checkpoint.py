@@ -53,8 +53,6 @@ def write_config(path: Path, corpus, model_type, hf=None, ds_config="cpu.json", 
 def start(config: Path, *args, nproc: int):
     """A training job, not waited for: 2 ranks through launch/local.sh, or one rank started directly."""
     env = launch_env()
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)  # this process's own one-process group (load_checkpoint_model) is not the job's
     if nproc == 1:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         cmd = [sys.executable, "-m", "sparsemixer_ds.cli", "train", "--config", str(config), *args]
@@ -338,9 +336,7 @@ def test_the_cli_exports_an_hf_run_as_hf_and_generates_from_its_checkpoint(runs,
     and generate --run samples greedily what the trained model's own argmax says."""
     _, run_dir, _ = runs["phimoe"]
     cli = [str(Path(sys.executable).parent / "sparsemixer-ds")]
-    # Not this process's world of one (its rendezvous port is held here): each command makes its own.
-    env = {k: v for k, v in launch_env().items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK",
-                                                              "WORLD_SIZE")}
+    env = launch_env()
     refused = subprocess.run(cli + ["export", "--run", str(run_dir), "--format", "safetensors", "--out",
                                     str(tmp_path / "m.safetensors")], capture_output=True, text=True, env=env)
     assert refused.returncode == 2 and "export it with --format hf" in refused.stderr
