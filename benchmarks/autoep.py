@@ -15,7 +15,6 @@ import json
 import os
 import resource
 import statistics
-import time
 from pathlib import Path
 
 import psutil
@@ -31,7 +30,7 @@ from sparsemixer_ds import autoep  # noqa: E402
 from sparsemixer_ds.comm import exit_rank, init_distributed  # noqa: E402
 from sparsemixer_ds.config import RunConfig, load_config  # noqa: E402
 from sparsemixer_ds.families import get_family  # noqa: E402
-from sparsemixer_ds.testing import sync  # noqa: E402
+from sparsemixer_ds.testing import interleaved_samples  # noqa: E402
 
 
 def run_config(args, family: str) -> RunConfig:
@@ -85,22 +84,6 @@ def step_of(engine, own_router: bool, tokens: torch.Tensor):
     return step
 
 
-def paired(steps: dict, repeats: int, device) -> dict:
-    """Per name: the median seconds per step, run interleaved; and each repeat's time, for paired ratios."""
-    for step in steps.values():
-        for _ in range(3):
-            step()
-    samples = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            sync(device)
-            start = time.perf_counter()
-            step()
-            sync(device)
-            samples[name].append(time.perf_counter() - start)
-    return samples
-
-
 def ratio_row(samples: dict, a: str, b: str, tokens_per_step: int) -> dict:
     ratios = sorted(x / y for x, y in zip(samples[a], samples[b]))  # tokens/s of b over a: time a / time b
     q = statistics.quantiles(ratios, n=4)
@@ -138,12 +121,12 @@ def main() -> None:
     if args.mode == "router":
         engines = {"autoep_router": (engine_for(hf_cfg, args.zero, own_router=True), True),
                    "sparsemixer": (engine_for(hf_cfg, args.zero), False)}
-        samples = paired({n: step_of(e, own, tokens) for n, (e, own) in engines.items()}, args.repeats, device)
+        samples = interleaved_samples({n: step_of(e, own, tokens) for n, (e, own) in engines.items()}, args.repeats, device)
         rows.append(ratio_row(samples, "autoep_router", "sparsemixer", tokens_per_step))
     elif args.mode == "family":
         engines = {"native": engine_for(run_config(args, "native"), min(args.zero, 2)),
                    "hf_phimoe": engine_for(hf_cfg, args.zero)}
-        samples = paired({n: step_of(e, False, tokens) for n, e in engines.items()}, args.repeats, device)
+        samples = interleaved_samples({n: step_of(e, False, tokens) for n, e in engines.items()}, args.repeats, device)
         rows.append(ratio_row(samples, "native", "hf_phimoe", tokens_per_step))
         rows[-1]["params"] = {n: sum(p.numel() for p in e.module.parameters()) for n, e in engines.items()}
     else:

@@ -46,7 +46,7 @@ from .moe import MoETerms, RoutingStats
 from .routing import ESTIMATORS, route
 
 __all__ = ["SparseMixerOptions", "SparseMixerRouter", "OutputScale", "use_sparsemixer", "install_routers",
-           "aux_loss", "routers", "AutoEPError"]
+           "autoep_specs", "aux_loss", "routers", "AutoEPError"]
 
 
 class AutoEPError(ValueError):
@@ -147,7 +147,7 @@ class _Plan:
     hidden_size: int
 
 
-def _autoep_specs(model: nn.Module, ds_config: dict, source: str):
+def autoep_specs(model: nn.Module, ds_config: dict, source: str):
     """AutoEP's own detection of ``model``'s MoE blocks under the DS JSON's expert_parallel section."""
     from deepspeed.module_inject.auto_ep import AutoEP
     from deepspeed.module_inject.auto_ep_config import parse_autoep_config
@@ -224,7 +224,7 @@ def use_sparsemixer(model: nn.Module, ds_config: dict, source: str = "the DeepSp
                           "and add sparsemixer_ds.autoep.aux_loss(model) to the loss")
     if getattr(model, "_sparsemixer_plans", None):
         raise AutoEPError(f"use_sparsemixer() was already called on this {type(model).__name__}")
-    specs = _autoep_specs(model, ds_config, source)
+    specs = autoep_specs(model, ds_config, source)
     plans = [_Plan(spec.moe_module_name, spec.top_k, spec.hidden_size) for spec in specs]
     if opts.estimator.startswith("midpoint"):
         for plan in plans:

@@ -127,7 +127,7 @@ def hf_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     want = plain.state_dict()
     # AutoEP's detection of the blocks, as the run configured it (sparsemixer_ds.hf), on the plain model.
     section = {"enabled": True, "autoep_size": 1, **hf.MODEL_TYPES[config.model_type]}
-    specs = autoep._autoep_specs(plain, {"expert_parallel": section}, f"the {config.model_type} model")
+    specs = autoep.autoep_specs(plain, {"expert_parallel": section}, f"the {config.model_type} model")
     state = model.state_dict()
     out: Dict[str, torch.Tensor] = {}
     mapped_prefixes = []

@@ -17,7 +17,7 @@ import torch
 from .metrics import read_metrics
 from .rundir import RunDir
 
-__all__ = ["TINY", "free_port", "run_metrics", "time_interleaved", "sync"]
+__all__ = ["TINY", "free_port", "run_metrics", "interleaved_samples", "time_interleaved", "sync"]
 
 # The model shape and batch of a tiny run: 2 blocks of width 32, 4 experts per MoE layer, 32-token windows.
 TINY = ["model.d_model=32", "model.n_heads=2", "model.n_layers=2", "model.seq_len=32", "model.ffn_hidden=64",
@@ -39,8 +39,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(steps: Dict[str, Callable[[], None]], repeats: int, device: torch.device) -> Dict[str, float]:
-    """Median seconds per call of each step, run in turn (A B C A B C ...) so drifts hit all of them alike."""
+def interleaved_samples(steps: Dict[str, Callable[[], None]], repeats: int,
+                        device: torch.device) -> Dict[str, List[float]]:
+    """Seconds of each call of each step, run in turn (A B C A B C ...) so drifts hit all of them alike;
+    repeat i of every step is one pair (or tuple) for paired ratios."""
     for step in steps.values():  # warm-up: allocator, lazy init, caches
         for _ in range(3):
             step()
@@ -52,4 +54,10 @@ def time_interleaved(steps: Dict[str, Callable[[], None]], repeats: int, device:
             step()
             sync(device)
             samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+def time_interleaved(steps: Dict[str, Callable[[], None]], repeats: int, device: torch.device) -> Dict[str, float]:
+    """Median seconds per call of each step, run interleaved (``interleaved_samples``)."""
+    samples = interleaved_samples(steps, repeats, device)
     return {name: statistics.median(values) for name, values in samples.items()}
