@@ -20,6 +20,7 @@ import yaml
 
 from .balance import BALANCE_MODES
 from .routers import ROUTERS
+from .routing import ROUTING_IMPLS
 
 
 class ConfigError(ValueError):
@@ -63,6 +64,10 @@ class MoEConfig:
     balance_coef: float = 0.01  # weight of the Switch load-balance loss in the training loss (0: none)
     balance: str = "local"  # local: per micro-batch; global: route fractions over all ranks (GRIN; sparsemixer_ds.balance)
     z_loss_coef: float = 0.0  # weight of the ST-MoE router z-loss (SparseMixer routers only)
+    # How SparseMixer routers run the estimator (sparsemixer_ds.routing): eager (PyTorch ops, the
+    # reference), fused (compiled into a few kernels; same draws, values and gradients) or auto (fused
+    # where it is faster and a compiler is available, else eager).
+    routing_impl: str = "auto"
 
 
 @dataclass
@@ -96,6 +101,11 @@ class TrainConfig:
     # KillWait and Kubernetes' terminationGracePeriodSeconds (both 30 s by default), which follow
     # with SIGKILL.
     stop_grace_s: int = 25
+    compile: bool = False  # torch.compile the model (DeepSpeed's engine.compile); the first steps compile
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward: less memory
+    # Peak FLOP/s per rank (in TFLOP/s) that model FLOPs utilisation is measured against; 0: measured
+    # at start-up with a large matmul in the training dtype on the rank's device.
+    peak_tflops: float = 0.0
 
 
 @dataclass
@@ -328,6 +338,9 @@ def validate(cfg: RunConfig) -> None:
     _require(moe.z_loss_coef == 0.0 or not ROUTERS[moe.router].baseline,
              f"moe.z_loss_coef={moe.z_loss_coef} needs a SparseMixer router; DeepSpeed's TopKGate ({moe.router}) "
              "has no z-loss")
+    _require(moe.routing_impl in ROUTING_IMPLS,
+             f"moe.routing_impl must be one of {', '.join(ROUTING_IMPLS)}; got {moe.routing_impl!r}")
+    _require(t.peak_tflops >= 0.0, f"train.peak_tflops must be >= 0 (0: measure it at start-up); got {t.peak_tflops}")
     _require(t.steps >= 1 or t.tokens > 0, f"train.steps must be >= 1 (or set train.tokens); got {t.steps}")
     _require(t.tokens >= 0, f"train.tokens must be >= 0; got {t.tokens}")
     _require(0.0 < t.lr < 1.0, f"train.lr must be in (0, 1); got {t.lr}")

@@ -34,7 +34,10 @@ from typing import NamedTuple, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["sparsemixer", "route", "EstimatorRule", "ESTIMATORS"]
+__all__ = ["sparsemixer", "route", "EstimatorRule", "ESTIMATORS", "ROUTING_IMPLS"]
+
+# How the estimator runs: eager PyTorch ops (the reference), fused (compiled), or auto (fused where faster).
+ROUTING_IMPLS = ("auto", "eager", "fused")
 
 
 class EstimatorRule(NamedTuple):
