@@ -43,7 +43,7 @@ from torch import nn
 
 from .balance import BALANCE_MODES, balance_loss, z_loss
 from .moe import MoETerms, RoutingStats
-from .routing import ESTIMATORS, route
+from .routing import ESTIMATORS, ROUTING_IMPLS, route, use_fused
 
 __all__ = ["SparseMixerOptions", "SparseMixerRouter", "OutputScale", "use_sparsemixer", "install_routers",
            "autoep_specs", "aux_loss", "routers", "AutoEPError"]
@@ -62,6 +62,7 @@ class SparseMixerOptions:
     balance_coef: float = 0.01  # weight of Switch's balance loss in aux_loss (0: none)
     balance: str = "local"  # local | global (sparsemixer_ds.balance)
     z_loss_coef: float = 0.0  # weight of ST-MoE's router z-loss in aux_loss
+    routing_impl: str = "auto"  # auto | eager | fused: how the estimator runs (sparsemixer_ds.routing.use_fused)
 
     def check(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -76,6 +77,8 @@ class SparseMixerOptions:
                               f"got {self.input_jitter!r}")
         if self.balance not in BALANCE_MODES:
             raise AutoEPError(f"balance must be one of {', '.join(BALANCE_MODES)}; got {self.balance!r}")
+        if self.routing_impl not in ROUTING_IMPLS:
+            raise AutoEPError(f"routing_impl must be one of {', '.join(ROUTING_IMPLS)}; got {self.routing_impl!r}")
 
 
 class SparseMixerRouter(nn.Module):
@@ -103,7 +106,7 @@ class SparseMixerRouter(nn.Module):
         o = self.options
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, estimator={o.estimator!r}, "
                 f"jitter_eps={o.jitter_eps}, input_jitter={o.input_jitter}, balance={o.balance!r}, "
-                f"balance_coef={o.balance_coef}, z_loss_coef={o.z_loss_coef}")
+                f"balance_coef={o.balance_coef}, z_loss_coef={o.z_loss_coef}, routing_impl={o.routing_impl!r}")
 
     def forward(self, x_TM: torch.Tensor, expert_bias: Optional[torch.Tensor] = None):
         if expert_bias is not None:
@@ -113,7 +116,8 @@ class SparseMixerRouter(nn.Module):
         if self.training and o.input_jitter > 0:
             x_TM = x_TM * torch.empty_like(x_TM).uniform_(1.0 - o.input_jitter, 1.0 + o.input_jitter)
         logits_TE = self.gate(x_TM).float()
-        experts_TK, weights_TK = route(logits_TE, self.top_k, o.jitter_eps, self.training, self.rule)
+        experts_TK, weights_TK = route(logits_TE, self.top_k, o.jitter_eps, self.training, self.rule,
+                                       use_fused(o.routing_impl, logits_TE))
         counts_E = torch.zeros(self.num_experts, dtype=torch.int32, device=logits_TE.device)
         counts_E.scatter_add_(0, experts_TK.reshape(-1), torch.ones_like(experts_TK.reshape(-1), dtype=torch.int32))
         balance = balance_loss(logits_TE, counts_E, experts_TK.numel(), o.balance)

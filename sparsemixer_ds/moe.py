@@ -27,7 +27,7 @@ from torch import nn
 
 from .balance import BALANCE_MODES, balance_loss, z_loss
 from .routers import Router
-from .routing import ESTIMATORS, route
+from .routing import ESTIMATORS, ROUTING_IMPLS, route, use_fused
 
 __all__ = ["SparseMixerGate", "SparseMixerMoE", "BaselineGate", "convert", "Routes", "MoETerms", "RoutingStats",
            "make_moe", "moe_gates"]
@@ -109,7 +109,7 @@ GLOBAL_BALANCE_GROUP = None
 def _check_gate_options(num_experts: int, k: int, capacity_factor: float, eval_capacity_factor: float,
                         min_capacity: int, noisy_gate_policy: Optional[str], top2_2nd_expert_sampling: bool,
                         jitter_eps: float, estimator: str, balance_coef: float, z_loss_coef: float,
-                        balance: str) -> None:
+                        balance: str, routing_impl: str) -> None:
     """Reject options SparseMixer cannot honour, before any module is built."""
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
         raise ValueError(f"k must be an integer in 1..num_experts={num_experts}; got {k!r}")
@@ -131,13 +131,17 @@ def _check_gate_options(num_experts: int, k: int, capacity_factor: float, eval_c
     _check_coef("balance_coef", balance_coef, "1 returns the balance loss as it is; Switch trains with 0.01")
     _check_coef("z_loss_coef", z_loss_coef, "ST-MoE uses 1e-3")
     _check_balance(balance)
+    if routing_impl not in ROUTING_IMPLS:
+        raise ValueError(f"routing_impl must be one of {', '.join(ROUTING_IMPLS)} (auto: fused where it is faster); "
+                         f"got {routing_impl!r}")
 
 
 class SparseMixerGate(TopKGate):
     """A DeepSpeed gate whose routes and weights come from SparseMixer (sparsemixer_ds.routing).
 
     Takes TopKGate's constructor arguments plus ``jitter_eps``, ``estimator``, ``balance_coef``,
-    ``balance`` ("local" or "global", see sparsemixer_ds.balance) and ``z_loss_coef``.
+    ``balance`` ("local" or "global", see sparsemixer_ds.balance), ``z_loss_coef`` and ``routing_impl``
+    ("auto", "eager" or "fused": how the estimator runs, see sparsemixer_ds.routing.use_fused).
     ``noisy_gate_policy`` must stay None (SparseMixer samples its routes) and
     ``top2_2nd_expert_sampling`` True. Capacity follows DeepSpeed: C = max(ceil(S / E * factor * k),
     min_capacity) slots per expert, or with ``drop_tokens=False`` the largest expert load over the
@@ -167,9 +171,11 @@ class SparseMixerGate(TopKGate):
                  estimator: str = "midpoint",
                  balance_coef: float = 1.0,
                  balance: str = "local",
-                 z_loss_coef: float = 0.0) -> None:
+                 z_loss_coef: float = 0.0,
+                 routing_impl: str = "auto") -> None:
         _check_gate_options(num_experts, k, capacity_factor, eval_capacity_factor, min_capacity, noisy_gate_policy,
-                            top2_2nd_expert_sampling, jitter_eps, estimator, balance_coef, z_loss_coef, balance)
+                            top2_2nd_expert_sampling, jitter_eps, estimator, balance_coef, z_loss_coef, balance,
+                            routing_impl)
         super().__init__(model_dim, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity, None,
                          drop_tokens, use_rts, ep_group, True)
         self.num_experts = num_experts
@@ -179,6 +185,7 @@ class SparseMixerGate(TopKGate):
         self.balance_coef = float(balance_coef)
         self.balance = balance
         self.z_loss_coef = float(z_loss_coef)
+        self.routing_impl = routing_impl
         self.stats = RoutingStats(num_experts)
         self.terms: Optional[MoETerms] = None
 
@@ -191,7 +198,7 @@ class SparseMixerGate(TopKGate):
         return (f"num_experts={self.num_experts}, k={self.k}, estimator={self.estimator!r}, "
                 f"jitter_eps={self.jitter_eps}, capacity_factor={self.capacity_factor}, "
                 f"drop_tokens={self.drop_tokens}, balance={self.balance!r}, balance_coef={self.balance_coef}, "
-                f"z_loss_coef={self.z_loss_coef}")
+                f"z_loss_coef={self.z_loss_coef}, routing_impl={self.routing_impl!r}")
 
     def forward(self,
                 input: torch.Tensor,
@@ -208,7 +215,8 @@ class SparseMixerGate(TopKGate):
         if self.wall_clock_breakdown:
             self.timers(TOPK_GATE_TIMER).start()
         logits_SE = F.linear(input.float(), self.wg.weight.float())
-        experts_SK, weights_SK = route(logits_SE, self.k, self.jitter_eps, self.training, self.rule)
+        experts_SK, weights_SK = route(logits_SE, self.k, self.jitter_eps, self.training, self.rule,
+                                       use_fused(self.routing_impl, logits_SE))
         routes = self._dispatch_routes(logits_SE, experts_SK, weights_SK, used_token)
         if self.stats.recording:
             self.stats.add(logits_SE, routes.exp_counts, (routes.indices_KS < 0).double().mean())
@@ -398,7 +406,7 @@ class SparseMixerMoE(MoE):
     """DeepSpeed's MoE layer with a SparseMixerGate; returns ``(output, l_aux, exp_counts)``.
 
     Takes MoE's constructor arguments plus the gate's ``jitter_eps``, ``estimator``, ``balance_coef``,
-    ``balance`` and ``z_loss_coef``. With the midpoint estimator (and its midpoint-all ablation) it owns
+    ``balance``, ``z_loss_coef`` and ``routing_impl``. With the midpoint estimator (and its midpoint-all ablation) it owns
     SparseMixer's per-channel output scale ``omega`` [M] (initialised to ones, trained, a non-expert
     parameter), applied to the experts' combined output.
     """
@@ -424,7 +432,8 @@ class SparseMixerMoE(MoE):
                  estimator: str = "midpoint",
                  balance_coef: float = 1.0,
                  balance: str = "local",
-                 z_loss_coef: float = 0.0) -> None:
+                 z_loss_coef: float = 0.0,
+                 routing_impl: str = "auto") -> None:
         if not isinstance(ep_size, int) or ep_size < 1 or num_experts % ep_size:
             raise ValueError(f"num_experts={num_experts} must be divisible by ep_size={ep_size}: each rank of an "
                              "expert-parallel group holds num_experts / ep_size experts")
@@ -432,7 +441,7 @@ class SparseMixerMoE(MoE):
         gate = SparseMixerGate(hidden_size, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity,
                                noisy_gate_policy, drop_tokens, use_rts, None, top2_2nd_expert_sampling,
                                jitter_eps=jitter_eps, estimator=estimator, balance_coef=balance_coef,
-                               balance=balance, z_loss_coef=z_loss_coef)
+                               balance=balance, z_loss_coef=z_loss_coef, routing_impl=routing_impl)
         super().__init__(hidden_size, expert, num_experts, ep_size, k, capacity_factor, eval_capacity_factor,
                          min_capacity, use_residual, None, drop_tokens, use_rts, use_tutel,
                          enable_expert_tensor_parallelism, True)
@@ -472,11 +481,11 @@ def convert(model: nn.Module, **sparsemixer_kwargs) -> int:
 
     Call it before ``deepspeed.initialize``. Router weights, capacity settings, experts and
     residual-MoE parts are kept (the same parameter objects); ``sparsemixer_kwargs`` are
-    ``jitter_eps``, ``estimator``, ``balance_coef``, ``balance`` and ``z_loss_coef``. A layer's
+    ``jitter_eps``, ``estimator``, ``balance_coef``, ``balance``, ``z_loss_coef`` and ``routing_impl``. A layer's
     ``noisy_gate_policy`` is dropped: SparseMixer's sampling replaces input jitter. Draws no random
     numbers. Returns how many layers were converted.
     """
-    options = ("jitter_eps", "estimator", "balance_coef", "balance", "z_loss_coef")
+    options = ("jitter_eps", "estimator", "balance_coef", "balance", "z_loss_coef", "routing_impl")
     unknown = set(sparsemixer_kwargs) - set(options)
     if unknown:
         raise TypeError(f"convert() got unknown options {sorted(unknown)}; it takes {', '.join(options)}")
@@ -508,17 +517,20 @@ def make_moe(router: Router,
              jitter_eps: float = 0.1,
              balance_coef: float = 1.0,
              balance: str = "local",
-             z_loss_coef: float = 0.0) -> MoE:
+             z_loss_coef: float = 0.0,
+             routing_impl: str = "auto") -> MoE:
     """An MoE layer for a registered router (sparsemixer_ds.routers), so that comparing routers is one
     config change: a SparseMixerMoE with the router's estimator, or DeepSpeed's MoE with a BaselineGate
     (TopKGate with k = 1 and input jitter for switch, k = 2 for gshard). The gate weights its own
     auxiliary losses with ``balance_coef`` and ``z_loss_coef`` (SparseMixer routers only) and takes its
-    balance loss ``balance`` = "local" or "global" (over all ranks; see BaselineGate for the baselines)."""
+    balance loss ``balance`` = "local" or "global" (over all ranks; see BaselineGate for the baselines).
+    ``routing_impl`` (SparseMixer routers) says how the estimator runs: auto, eager or fused."""
     common = dict(num_experts=num_experts, ep_size=ep_size, k=k, capacity_factor=capacity_factor,
                   eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity, drop_tokens=drop_tokens)
     if not router.baseline:
         return SparseMixerMoE(hidden_size, expert, jitter_eps=jitter_eps, estimator=router.estimator,
-                              balance_coef=balance_coef, balance=balance, z_loss_coef=z_loss_coef, **common)
+                              balance_coef=balance_coef, balance=balance, z_loss_coef=z_loss_coef,
+                              routing_impl=routing_impl, **common)
     _check_balance(balance)  # before DeepSpeed builds (and copies) the experts
     if z_loss_coef:
         raise ValueError(f"z_loss_coef={z_loss_coef} needs a SparseMixer router; DeepSpeed's TopKGate "

@@ -272,8 +272,9 @@ def phimoe(**config):
     (PHIMOE_EP, {"balance": "nope"}, {}, ["balance", "'nope'"]),
     (PHIMOE_EP, {"jitter_eps": -0.1}, {}, ["jitter_eps", "-0.1"]),
     (PHIMOE_EP, {"input_jitter": 1.0}, {}, ["input_jitter", "1.0"]),
+    (PHIMOE_EP, {"routing_impl": "triton"}, {}, ["routing_impl", "'triton'"]),
 ], ids=["not-enabled", "score_apply-pre", "route_norm", "route_scale", "load_balance_coeff", "num_expert_groups",
-        "output_router_logits", "estimator", "balance", "jitter_eps", "input_jitter"])
+        "output_router_logits", "estimator", "balance", "jitter_eps", "input_jitter", "routing_impl"])
 def test_use_sparsemixer_refuses_what_would_change_the_gradient_and_names_it(section, options, config, named):
     model = phimoe(**config)
     with pytest.raises(autoep.AutoEPError) as err:
@@ -285,6 +286,25 @@ def test_use_sparsemixer_refuses_what_would_change_the_gradient_and_names_it(sec
     model.config.output_router_logits = False
     assert autoep.use_sparsemixer(model, {"expert_parallel": PHIMOE_EP}) == ["model.layers.0.mlp", "model.layers.1.mlp"]
     assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_the_fused_router_routes_and_trains_as_the_eager_one(top_k):
+    torch._dynamo.reset()
+    x_TM = torch.randn(80, 16)
+    results = []
+    for impl in ("eager", "fused"):
+        gate = torch.nn.Linear(16, 6, bias=False)
+        torch.nn.init.normal_(gate.weight, generator=torch.Generator().manual_seed(3))
+        router = autoep.SparseMixerRouter(gate, top_k, autoep.SparseMixerOptions(routing_impl=impl))
+        torch.manual_seed(4)
+        weights_TK, experts_TK, counts_E = router(x_TM)
+        (weights_TK * torch.arange(80.0)[:, None]).sum().add(router.l_aux).backward()
+        results.append((weights_TK, experts_TK, counts_E, gate.weight.grad))
+    eager, fused = results
+    assert torch.equal(eager[1], fused[1]) and torch.equal(eager[2], fused[2])
+    torch.testing.assert_close(fused[0], eager[0])
+    torch.testing.assert_close(fused[3], eager[3])
 
 
 def test_use_sparsemixer_refuses_an_unknown_option_by_name():

@@ -19,9 +19,15 @@ def test_gate_benchmark_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [row["k"] for row in rows] == [1, 2]
     for row in rows:
-        assert row["topk_ms"] > 0 and row["sparsemixer_ms"] > 0 and row["floor_ms"] > 0
+        assert row["topk_ms"] > 0 and row["sparsemixer_ms"] > 0 and row["fused_ms"] > 0 and row["floor_ms"] > 0
         assert row["vs_topk"] == row["sparsemixer_ms"] / row["topk_ms"]
-        assert f"{row['vs_topk']:.2f}x" in stdout
+        assert row["fused_vs_floor"] == row["fused_ms"] / row["floor_ms"]
+        assert f"{row['vs_topk']:.2f}x" in stdout and f"{row['fused_vs_floor']:.2f}x" in stdout
+    sizes = tmp_path / "sizes" / "gate.json"
+    stdout = run_script(REPO / "benchmarks" / "gate.py", "--sizes", "--smoke", "--json", sizes)
+    rows = json.loads(sizes.with_name("gate_sizes.json").read_text())["rows"]
+    assert [(r["tokens"], r["experts"], r["k"]) for r in rows] == [(1024, 8, 1), (1024, 8, 2)]
+    assert all(f"{r['fused_vs_eager']:.2f}x" in stdout for r in rows)
 
 
 def test_gate_profile_names_the_routing_node(tmp_path):

@@ -53,6 +53,25 @@ def test_gates_are_the_sparsemixer_weights(k):
 
 
 @pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("estimator", ["midpoint", "heun3"])
+def test_the_fused_gate_routes_and_trains_as_the_eager_one(k, estimator):
+    torch._dynamo.reset()
+    x = torch.randn(96, 8)
+    results = []
+    for impl in ("eager", "fused"):
+        gate = make_gate(k=k, estimator=estimator, routing_impl=impl, capacity_factor=0.75, min_capacity=1)
+        routes = route(gate, x)
+        (routes.gates_KS * torch.arange(96.0)).sum().add(routes.l_aux).backward()
+        results.append((routes, gate.wg.weight.grad))
+    (eager, eager_grad), (fused, fused_grad) = results
+    for field in ("indices_KS", "locations_KS", "exp_counts", "capacity"):
+        assert torch.equal(getattr(eager, field), getattr(fused, field)), field
+    torch.testing.assert_close(fused.gates_KS, eager.gates_KS)
+    torch.testing.assert_close(fused.l_aux, eager.l_aux)
+    torch.testing.assert_close(fused_grad, eager_grad)
+
+
+@pytest.mark.parametrize("k", [1, 2])
 def test_dense_form_matches_the_sparse_routes(k):
     gate = make_gate(k=k, capacity_factor=0.5, min_capacity=1)  # tight capacity: some routes are dropped
     x = torch.randn(40, 8)
@@ -372,6 +391,7 @@ def test_heun3_layer_has_no_omega():
     ({"jitter_eps": -1.0}, "jitter_eps"),
     ({"estimator": "straight-through"}, "estimator"),
     ({"z_loss_coef": -0.1}, "z_loss_coef"),
+    ({"routing_impl": "triton"}, "routing_impl"),
 ])
 def test_bad_gate_options_are_named(kwargs, name):
     with pytest.raises(ValueError, match=name):

@@ -6,6 +6,17 @@ import pytest
 import torch
 
 from sparsemixer_ds import sparsemixer
+from sparsemixer_ds import routing
+
+# Every behaviour below holds for both implementations: eager PyTorch ops and the compiled (fused) path.
+IMPLS = ["eager", "fused"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_compile_cache():
+    """Each test compiles afresh (from inductor's on-disk cache): tests use many expert counts, and past
+    dynamo's recompile limit a compiled function would quietly run eagerly."""
+    torch._dynamo.reset()
 
 # The specification's constants (SparseMixer 2023; SparseMixer-v2 / GRIN 2024), written out here so
 # that the tests do not read them from the code under test: (c_low, q, s, argmax draw exempt from the
@@ -58,12 +69,13 @@ def expected_grad(logits, experts, upstream, eps, s):
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_samples_follow_p(top_k):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_samples_follow_p(top_k, impl):
     # Close logits, so nothing is masked and every expert (or pair) is drawn often enough.
     row = torch.tensor([0.9, 1.0, 0.95, 0.85])
     tokens = 40000
     torch.manual_seed(0)
-    experts, _ = sparsemixer(row.expand(tokens, -1), top_k=top_k)
+    experts, _ = sparsemixer(row.expand(tokens, -1), top_k=top_k, impl=impl)
     first = reference_probs(row.tolist(), set(), 0.1)
     if top_k == 1:
         expected = first
@@ -78,11 +90,12 @@ def test_samples_follow_p(top_k):
 
 
 @pytest.mark.parametrize("estimator", sorted(SPEC))
-def test_forward_value_is_c_times_p_with_the_coin_frequencies(estimator):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_forward_value_is_c_times_p_with_the_coin_frequencies(estimator, impl):
     c_low, q, _, exempt = SPEC[estimator]
     torch.manual_seed(1)
     logits = torch.randn(20000, 6) * 0.3  # small spread: most experts survive the jitter mask
-    experts, weights = sparsemixer(logits, top_k=1, estimator=estimator)
+    experts, weights = sparsemixer(logits, top_k=1, estimator=estimator, impl=impl)
     probs = torch.from_numpy(reference_round_probs(logits, experts, 0.1))[:, 0]
     p_chosen = probs.gather(1, experts).squeeze(1)
     c = weights[:, 0].double() / p_chosen
@@ -102,11 +115,12 @@ def test_forward_value_is_c_times_p_with_the_coin_frequencies(estimator):
 @pytest.mark.parametrize("estimator", sorted(SPEC))
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("jitter_eps", [0.1, 0.5])
-def test_gradient_matches_the_formula(estimator, top_k, jitter_eps):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradient_matches_the_formula(estimator, top_k, jitter_eps, impl):
     torch.manual_seed(2)
     logits = (torch.randn(64, 8, dtype=torch.float64) * 2).requires_grad_()
     upstream = torch.randn(64, top_k, dtype=torch.float32)
-    experts, weights = sparsemixer(logits, top_k=top_k, jitter_eps=jitter_eps, estimator=estimator)
+    experts, weights = sparsemixer(logits, top_k=top_k, jitter_eps=jitter_eps, estimator=estimator, impl=impl)
     (weights * upstream).sum().backward()
     want = expected_grad(logits, experts, upstream, jitter_eps, SPEC[estimator][2])
     np.testing.assert_allclose(logits.grad.numpy(), want, rtol=1e-5, atol=1e-6)
@@ -114,10 +128,11 @@ def test_gradient_matches_the_formula(estimator, top_k, jitter_eps):
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_eval_is_argmax_with_unit_scale(top_k):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_eval_is_argmax_with_unit_scale(top_k, impl):
     torch.manual_seed(3)
     logits = torch.randn(128, 8)
-    experts, weights = sparsemixer(logits, top_k=top_k, training=False)
+    experts, weights = sparsemixer(logits, top_k=top_k, training=False, impl=impl)
     probs = reference_round_probs(logits, experts, 0.1)
     for j in range(top_k):
         np.testing.assert_array_equal(experts[:, j].numpy(), probs[:, j].argmax(axis=1))
@@ -125,45 +140,48 @@ def test_eval_is_argmax_with_unit_scale(top_k):
         np.testing.assert_allclose(weights[:, j].numpy(), p_chosen, rtol=1e-6)
     # Eval draws no random numbers: the global RNG stream is untouched.
     state = torch.get_rng_state()
-    sparsemixer(logits, top_k=top_k, training=False)
+    sparsemixer(logits, top_k=top_k, training=False, impl=impl)
     assert torch.equal(state, torch.get_rng_state())
 
 
-def test_jitter_mask_removes_experts_jitter_could_never_promote():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_jitter_mask_removes_experts_jitter_could_never_promote(impl):
     # m = 10: (10 - 9) / 10 = 0.1 <= 0.2 stays; (10 - 7.5) / 10 = 0.25 and 13 / 10 are masked.
     row = torch.tensor([[10.0, 9.0, 7.5, -3.0]])
     torch.manual_seed(4)
-    experts, weights = sparsemixer(row.expand(5000, -1), jitter_eps=0.1)
+    experts, weights = sparsemixer(row.expand(5000, -1), jitter_eps=0.1, impl=impl)
     assert set(experts[:, 0].tolist()) == {0, 1}
-    _, eval_weights = sparsemixer(row, jitter_eps=0.1, training=False)
+    _, eval_weights = sparsemixer(row, jitter_eps=0.1, training=False, impl=impl)
     assert eval_weights.item() == pytest.approx(1 / (1 + math.exp(-1.0)), rel=1e-6)
     # A wider eps keeps expert 2; eps = 0 keeps only the maximum, whose probability is then 1.
-    wide, _ = sparsemixer(row.expand(5000, -1), jitter_eps=0.15)
+    wide, _ = sparsemixer(row.expand(5000, -1), jitter_eps=0.15, impl=impl)
     assert set(wide[:, 0].tolist()) == {0, 1, 2}
-    _, only_max = sparsemixer(row, jitter_eps=0.0, training=False)
+    _, only_max = sparsemixer(row, jitter_eps=0.0, training=False, impl=impl)
     assert only_max.item() == 1.0
     # m = z = 0 would be 0 / 0: such an expert is not masked.
-    _, ties = sparsemixer(torch.zeros(1, 3), training=False)
+    _, ties = sparsemixer(torch.zeros(1, 3), training=False, impl=impl)
     assert ties.item() == pytest.approx(1 / 3)
 
 
-def test_leaves_input_alone_and_is_deterministic_under_a_seed():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_leaves_input_alone_and_is_deterministic_under_a_seed(impl):
     logits = torch.randn(256, 8)
     before = logits.clone()
     torch.manual_seed(5)
-    first = sparsemixer(logits, top_k=2)
+    first = sparsemixer(logits, top_k=2, impl=impl)
     torch.manual_seed(5)
-    second = sparsemixer(logits, top_k=2)
+    second = sparsemixer(logits, top_k=2, impl=impl)
     assert torch.equal(logits, before)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     torch.manual_seed(6)
-    assert not torch.equal(first[0], sparsemixer(logits, top_k=2)[0])
+    assert not torch.equal(first[0], sparsemixer(logits, top_k=2, impl=impl)[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
-def test_any_float_dtype_in_float32_weights_out(dtype):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_any_float_dtype_in_float32_weights_out(dtype, impl):
     logits = torch.randn(32, 4).to(dtype).requires_grad_()
-    experts, weights = sparsemixer(logits, top_k=2)
+    experts, weights = sparsemixer(logits, top_k=2, impl=impl)
     assert experts.dtype == torch.int64 and experts.shape == (32, 2)
     assert weights.dtype == torch.float32 and weights.shape == (32, 2)
     weights.sum().backward()
@@ -185,3 +203,54 @@ def test_bad_arguments_are_named(kwargs, name):
 def test_logits_must_be_a_2d_float_tensor(logits):
     with pytest.raises(ValueError, match="logits"):
         sparsemixer(logits)
+
+
+@pytest.mark.parametrize("estimator", ["midpoint", "heun3"])
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_repeats_eager_draw_for_draw(estimator, top_k, training):
+    """Same seed, same draws: the fused path consumes the random stream exactly as the eager one does
+    (a resumed run repeats the uninterrupted one whichever runs), with the same weights and gradients."""
+    runs = []
+    for impl, tokens in (("eager", 300), ("fused", 300), ("eager", 77), ("fused", 77)):  # two token counts
+        logits = (torch.randn(tokens, 12, generator=torch.Generator().manual_seed(tokens)) * 2).requires_grad_()
+        upstream = torch.randn(tokens, top_k, generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(9)
+        experts, weights = sparsemixer(logits, top_k=top_k, estimator=estimator, training=training, impl=impl)
+        (weights * upstream).sum().backward()
+        runs.append((experts, weights.detach(), logits.grad, torch.get_rng_state()))
+    for eager, fused in (runs[:2], runs[2:]):
+        assert torch.equal(eager[0], fused[0])
+        assert torch.equal(eager[3], fused[3]), "both draw the same number of random values"
+        torch.testing.assert_close(fused[1], eager[1], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(fused[2], eager[2], rtol=1e-5, atol=1e-7)
+        assert eager[2].abs().sum() > 0
+
+
+def test_the_fused_path_runs_compiled_code():
+    """A guard against a quiet eager fallback: the fused call goes through dynamo and inductor."""
+    from torch._dynamo.utils import counters
+    counters.clear()
+    logits = torch.randn(64, 8, requires_grad=True)
+    sparsemixer(logits, top_k=2, impl="fused")[1].sum().backward()
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # forward and backward
+
+
+def test_auto_picks_fused_only_where_it_gains(monkeypatch):
+    small = torch.zeros(routing.CPU_FUSED_MIN_LOGITS // 8 - 1, 8)
+    large = torch.zeros(routing.CPU_FUSED_MIN_LOGITS // 8, 8)
+    assert routing.use_fused("fused", small) and not routing.use_fused("eager", large)
+    assert not routing.use_fused("auto", small)
+    assert routing.use_fused("auto", large) == routing.compiler_available(torch.device("cpu"))
+    # Inside an outer torch.compile the eager formulation is traced (that compile fuses it).
+    assert torch.compile(lambda x: torch.tensor(routing.use_fused("fused", x)), fullgraph=True)(large).item() is False
+    monkeypatch.setattr(routing, "_COMPILERS", {"cpu": False})
+    assert not routing.use_fused("auto", large)
+
+
+def test_unknown_or_uncompilable_impl_is_refused_naming_the_fix(monkeypatch):
+    with pytest.raises(ValueError, match="impl must be one of auto, eager, fused; got 'triton'"):
+        sparsemixer(torch.randn(4, 4), impl="triton")
+    monkeypatch.setattr(routing, "compiler_available", lambda device: False)
+    with pytest.raises(ValueError, match=r"'fused' needs a C\+\+ compiler .* use 'auto'"):
+        sparsemixer(torch.randn(4, 4), impl="fused")
