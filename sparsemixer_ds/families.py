@@ -124,7 +124,7 @@ class NativeFamily:
                   "moe.moe_every", "moe.expert_hidden")
 
     def build(self, cfg: RunConfig) -> MoELM:
-        return MoELM(cfg.model, cfg.moe)
+        return MoELM(cfg.model, cfg.moe, checkpoint_blocks=cfg.train.activation_checkpointing)
 
     def experts_per_layer(self, cfg: RunConfig) -> int:
         return cfg.moe.num_experts
@@ -185,7 +185,11 @@ class HFFamily:
             autoep.use_sparsemixer(model, {"expert_parallel": section}, source, **hf.options(cfg, config))
         except autoep.AutoEPError as err:
             raise ConfigError(str(err)) from None
-        return {"expert_parallel": section}
+        if not cfg.train.compile:
+            return {"expert_parallel": section}
+        # train.compile: DeepSpeed compiles each decoder layer around its AutoEP layer, which stays eager
+        # (the whole model does not compile: on the CPU, torch._grouped_mm's fake kernel takes only bf16).
+        return {"expert_parallel": section, "compile": {**ds.get("compile", {}), "autoep_non_moe": True}}
 
     def check_resume(self, checkpoint: Path, saved: RunConfig, cfg: RunConfig, ds: dict, world: int) -> None:
         """A ZeRO-3 checkpoint holds each rank's partition (zero_pp_rank_R_mp_rank_00_model_states.pt), and

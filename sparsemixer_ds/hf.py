@@ -13,7 +13,9 @@ config carries it (``router_jitter_noise``, and ``input_jitter_noise``) as GRIN 
 
 A built model is the HF ``*ForCausalLM`` class with ``HFLanguageModel`` mixed in: every module keeps
 its HF name (AutoEP's patterns match, checkpoints name parameters as HF does), and ``forward(tokens,
-targets)`` returns the trainer's ``LMOutput``.
+targets)`` returns the trainer's ``LMOutput``. ``train.activation_checkpointing`` turns on HF's own
+gradient checkpointing of each decoder layer (the routers' ``l_aux``, computed inside a checkpointed
+layer, keeps its gradient: non-reentrant checkpointing records the autograd graph as usual).
 """
 import functools
 import json
@@ -159,7 +161,7 @@ def expert_parallel(cfg: RunConfig, config, ds: dict, source: str) -> dict:
 def options(cfg: RunConfig, config) -> Dict[str, Any]:
     moe = cfg.moe
     options = dict(estimator=ROUTERS[moe.router].estimator, balance=moe.balance, balance_coef=moe.balance_coef,
-                   z_loss_coef=moe.z_loss_coef)
+                   z_loss_coef=moe.z_loss_coef, routing_impl=moe.routing_impl)
     if config.model_type != "phimoe":  # PhiMoE's config carries its jitter (use_sparsemixer reads it)
         options["jitter_eps"] = moe.jitter_eps
     return options
@@ -200,4 +202,8 @@ def build(cfg: RunConfig, ds: dict, source: str) -> nn.Module:
     # The same object and modules, one class further down: HF's names and hooks stay as they were.
     model.__class__ = _language_model_class(type(model))
     autoep.use_sparsemixer(model, ds, source, **options(cfg, config))
+    if cfg.train.activation_checkpointing:
+        # HF's checkpoint of each decoder layer, which holds the MoE block AutoEP puts in later; non-reentrant,
+        # with the RNG state restored for the recompute, so the SparseMixer router draws the same routes.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

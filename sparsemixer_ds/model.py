@@ -5,6 +5,14 @@ Expert parallelism is not visible here: the MoE blocks come from moe.py with an 
 DeepSpeed lays the experts out over the expert-parallel group when the engine starts.
 The model owns its training loss: given targets, ``forward`` returns the cross-entropy plus every MoE
 layer's auxiliary losses, each already weighted by its gate (``moe.balance_coef``, ``moe.z_loss_coef``).
+
+Activation checkpointing (``train.activation_checkpointing``) keeps only each block's input in the
+forward and runs the block again in the backward (torch.utils.checkpoint, non-reentrant). The random
+number generator's state is restored for that second run, so SparseMixer draws the same routes and
+coins and dropout the same masks: the gradients are those of the forward that was run. The gates'
+side effects repeat harmlessly in the recompute: ``terms`` are overwritten with the same values, the
+routing statistics may add a second row equal to the first (their means divide by the number of rows),
+and a global balance loss all-reduces again, on every rank in the same order.
 """
 import math
 from typing import List, NamedTuple, Optional
@@ -12,6 +20,7 @@ from typing import List, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, MoEConfig
 from .moe import RoutingStats, make_moe, moe_gates
@@ -86,10 +95,12 @@ class Block(nn.Module):
 
 class MoELM(nn.Module):
     """Token embedding (tied with the output), blocks, final norm. Every ``moe_every``-th block
-    (the 2nd, 4th, ... for moe_every = 2, as in Switch) has an MoE FFN."""
+    (the 2nd, 4th, ... for moe_every = 2, as in Switch) has an MoE FFN. With ``checkpoint_blocks``,
+    training recomputes each block's activations in the backward instead of keeping them."""
 
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig) -> None:
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, checkpoint_blocks: bool = False) -> None:
         super().__init__()
+        self.checkpoint_blocks = checkpoint_blocks
         if cfg.vocab_size < 1:
             raise ValueError(f"model.vocab_size must be set (>= 1) before building the model; got {cfg.vocab_size}")
         self.cfg = cfg
@@ -104,7 +115,7 @@ class MoELM(nn.Module):
                                capacity_factor=moe.capacity_factor, eval_capacity_factor=moe.eval_capacity_factor,
                                min_capacity=moe.min_capacity, drop_tokens=moe.drop_tokens,
                                jitter_eps=moe.jitter_eps, balance_coef=moe.balance_coef, balance=moe.balance,
-                               z_loss_coef=moe.z_loss_coef)
+                               z_loss_coef=moe.z_loss_coef, routing_impl=moe.routing_impl)
             else:
                 ffn = feed_forward(cfg.d_model, cfg.ffn_hidden)
             blocks.append(Block(cfg, ffn))
@@ -134,8 +145,12 @@ class MoELM(nn.Module):
             x = x + self.pos(torch.arange(T, device=tokens.device))
         rotary = None if self.pos is not None else (self.rope_cos, self.rope_sin)
         aux = x.new_zeros((), dtype=torch.float32)  # the MoE layers' l_aux, weighted by their gates
+        recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x, block_aux = block(x, rotary)
+            if recompute:  # preserve_rng_state (the default): the recompute draws the same routes
+                x, block_aux = checkpoint(block, x, rotary, use_reentrant=False)
+            else:
+                x, block_aux = block(x, rotary)
             if block_aux is not None:
                 aux = aux + block_aux.float()
         logits = F.linear(self.norm(x), self.embed.weight)  # tied output embedding

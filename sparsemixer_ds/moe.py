@@ -247,7 +247,9 @@ class SparseMixerGate(TopKGate):
             routed_KS = routed_KS & (used_token.reshape(1, num_tokens) != 0)
         # Unrouted tokens go to a virtual expert E: counted nowhere, sorted last.
         bucket_N = torch.where(routed_KS, experts_KS, num_experts).reshape(-1)  # N = K * S routes
-        exp_counts = torch.bincount(bucket_N, minlength=num_experts + 1)[:num_experts]
+        # A scatter into E + 1 counters, not bincount: its output has a fixed shape, so torch.compile traces it.
+        exp_counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device).scatter_add_(
+            0, bucket_N, torch.ones_like(bucket_N))[:num_experts]
         capacity = self._capacity(num_tokens, exp_counts)
 
         # Slot of each route in its expert's buffer = how many routes of the same expert come first

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from deepspeed import comm as dist
+from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
 from .comm import discover_mpi, init_distributed
@@ -30,6 +31,7 @@ from .hf_checkpoint import InitSource, check_init_from, load_init_weights
 from .machine import check_memory, check_precision
 from .metrics import Metrics, Throughput, all_mean
 from .optim import apply_schedule, make_adamw, make_schedule
+from .routing import check_impl
 from .rundir import RunDir, TagState, tag_name
 from .runlock import RunLock, check_lock, launch_token
 from .stop import StopRequest, Stopped
@@ -94,6 +96,10 @@ def preflight(cfg: RunConfig, world: int, resume: Union[bool, str], init_from: O
     ds_config.update(family.ds_config(cfg, ds_config, cfg.ds_config))
     check_precision(ds_config, cfg.ds_config)
     try:
+        check_impl(cfg.moe.routing_impl, torch.device(get_accelerator().device_name()))
+    except ValueError as err:
+        raise ConfigError(f"moe.{err}") from None
+    try:
         cfg.model.vocab_size = model_vocab_size(Path(cfg.data.path), cfg.model.vocab_size)
     except FileNotFoundError as err:
         raise ConfigError(f"data.path: {err}") from None
@@ -149,6 +155,13 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, config=ds, optimizer=lambda _params: make_adamw(model, cfg, guarded=stage0 and not mixed),
             lr_scheduler=lambda optimizer: make_schedule(optimizer, cfg, self.total))
+        if t.compile:
+            # torch.compile with the accelerator's backend (inductor), after AutoEP (hf) has put its layers in: the
+            # whole native model (DeepSpeed's MoE layer breaks the graph once per MoE block: sharded_moe.py,
+            # C = int(C)), or each hf decoder layer around its eager AutoEP layer (the family's DS JSON sets
+            # compile.autoep_non_moe). The first steps compile. Compiled parts draw their random numbers from
+            # inductor's generator: the same distributions as eager, other numbers.
+            self.engine.compile()
         self.device = self.engine.device
         self.routing = model.routing_stats()
         self.metrics = Metrics(self.run.metrics, self.engine.monitor, self.rank == 0)
