@@ -1,7 +1,8 @@
-"""The ``sparsemixer-ds`` command: prepare | check | train | export | generate.
+"""The ``sparsemixer-ds`` command: prepare | check | plan | train | export | generate.
 
     sparsemixer-ds prepare [INPUT ...] --out data/stdlib-bytes        # no INPUT: the stdlib sources
     sparsemixer-ds check --config configs/cpu_small.yaml --world-size 2  # what a launch script runs first
+    sparsemixer-ds plan --config configs/gpu_grin.yaml --world-size 32    # memory per rank, FLOPs, all-to-all
     deepspeed --num_gpus 2 --module sparsemixer_ds.cli train --config configs/cpu_small.yaml
     sparsemixer-ds export --run runs/cpu_small --out runs/cpu_small/model.safetensors
     sparsemixer-ds export --run runs/cpu_phimoe --format hf --out runs/cpu_phimoe/hf  # transformers' from_pretrained
@@ -65,6 +66,17 @@ def _check(args: argparse.Namespace) -> None:
     print(f"ok: {args.world_size} ranks, {args.world_size // cfg.moe.ep_size} expert-parallel group(s) of "
           f"{cfg.moe.ep_size}, {get_family(cfg).experts_per_layer(cfg)} experts per MoE layer, {total_steps(cfg, args.world_size)} "
           f"steps, run_dir {cfg.run_dir}")
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .plan import GiB, check_fits, format_plan, make_plan
+    if not args.device_memory_gb > 0:
+        raise ConfigError(f"--device-memory-gb must be > 0 (GiB per rank); got {args.device_memory_gb}")
+    cfg = load_config(Path(args.config) if args.config else None, args.set)
+    plan = make_plan(cfg, args.world_size, int(args.device_memory_gb * GiB))
+    print(format_plan(cfg, plan))
+    check_fits(cfg, plan)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -170,6 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master-port", type=int,
                    help="the port they meet at: refused if MASTER_ADDR is this host and the port is not free here")
     p.set_defaults(func=_check)
+
+    p = sub.add_parser("plan", help="memory per rank, FLOPs and all-to-all volume of a run from its configs; "
+                                    "exits non-zero if it does not fit")
+    p.add_argument("--config", help="YAML run config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for train")
+    p.add_argument("--world-size", type=int, required=True, help="total number of ranks the launch will start")
+    p.add_argument("--device-memory-gb", type=float, default=80.0,
+                   help="memory of one rank's device in GiB (default 80: an 80 GB A100/H100)")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("export", help="a checkpoint -> one consolidated file (all experts) + config, or a Hugging "
                                       "Face model directory")

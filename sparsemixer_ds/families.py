@@ -13,6 +13,8 @@ chosen by the run config's ``model.family``. A family says, before any model exi
 - ``memory_estimate(cfg, ds, world) -> MemoryEstimate``: the training state one rank holds (weights,
   gradients, AdamW state), for the pre-flight check that the model fits (``training_state`` does the
   arithmetic from parameter counts);
+- ``cost(cfg) -> ModelCost`` (sparsemixer_ds.flops): parameters (total, active per token) and training
+  FLOPs per token, from the config alone, for MFU and ``sparsemixer-ds plan``;
 
 and it builds the model, ``build(cfg)``: an ``nn.Module`` with
 
@@ -36,6 +38,7 @@ from deepspeed.moe.utils import is_moe_param
 from torch import nn
 
 from .config import ConfigError, RunConfig
+from .flops import ModelCost, hf_cost, native_cost
 from .model import LMOutput, MoELM
 from .moe import RoutingStats
 
@@ -106,6 +109,9 @@ class ModelFamily(Protocol):
     def memory_estimate(self, cfg: RunConfig, ds: dict, world: int) -> MemoryEstimate:
         ...
 
+    def cost(self, cfg: RunConfig) -> ModelCost:
+        ...
+
     def check_resume(self, checkpoint: Path, saved: RunConfig, cfg: RunConfig, ds: dict, world: int) -> None:
         ...
 
@@ -144,6 +150,9 @@ class NativeFamily:
         expert = sum(p.numel() for p in model.parameters() if is_moe_param(p))
         dense = sum(p.numel() for p in model.parameters()) - expert
         return training_state(dense, expert, ds, world, cfg.moe.ep_size)
+
+    def cost(self, cfg: RunConfig) -> ModelCost:
+        return native_cost(cfg)
 
     def check_resume(self, checkpoint: Path, saved: RunConfig, cfg: RunConfig, ds: dict, world: int) -> None:
         """DeepSpeed's MoE checkpoints (ZeRO 0-2, each expert in a file of its own) load onto any layout."""
@@ -221,6 +230,10 @@ class HFFamily:
         total = sum(p.numel() for p in model.parameters())
         expert = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
         return training_state(total - expert, expert // cfg.moe.ep_size, ds, world, cfg.moe.ep_size)
+
+    def cost(self, cfg: RunConfig) -> ModelCost:
+        from . import hf
+        return hf_cost(cfg, hf.hf_config(cfg))
 
     def export_state(self, model: nn.Module) -> Dict[str, torch.Tensor]:
         return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}

@@ -2,19 +2,24 @@
 monitors (CSV, TensorBoard), and the training throughput that goes with them.
 
 Records, by the keys they carry:
-    {"step", "tokens", "loss", "balance_loss", "z_loss", "lr", "skipped_steps", "tokens_per_s", "rss_mb",
-     "layers": [{"load", "max_mean_load", "dropped", "entropy"} per MoE layer]}   every logging.interval steps
+    {"step", "tokens", "loss", "balance_loss", "z_loss", "lr", "skipped_steps", "tokens_per_s", "model_tflops",
+     "mfu", "rss_mb", "layers": [{"load", "max_mean_load", "dropped", "entropy"} per MoE layer]}
+                                                        every logging.interval steps
     {"step", "val_loss", "val_ppl"}                     every eval.interval steps and at the end
     {"step", "resumed": true, "val_loss", "val_ppl"}    the loaded model, first thing after a resume
     {"step", "skipped_steps", "stopped": "non-finite"}  a run stopped by train.max_skipped_steps
     {"step", "stopped": "SIGTERM"}                      a run stopped on request (the signal or the reason)
+
+``tokens_per_s`` counts all ranks; ``model_tflops`` is the model FLOP/s of one rank (flops_per_token x
+tokens_per_s / ranks, sparsemixer_ds.flops) in TFLOP/s, and ``mfu`` that over the rank's peak (the peak
+and how it was obtained are in the start's record, starts/start_NNN.yaml, as "peak_tflops" and "peak").
 """
 import json
 import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import psutil
 import torch
@@ -22,7 +27,7 @@ from deepspeed import comm as dist
 
 from .moe import RoutingStats
 
-__all__ = ["Metrics", "Throughput", "read_metrics", "all_mean", "finite_or_none"]
+__all__ = ["Metrics", "Throughput", "Utilisation", "read_metrics", "all_mean", "finite_or_none"]
 
 
 def read_metrics(path: Path) -> List[dict]:
@@ -43,12 +48,26 @@ def all_mean(values: torch.Tensor) -> torch.Tensor:
     return values / dist.get_world_size()
 
 
+class Utilisation(NamedTuple):
+    """What model FLOPs utilisation is measured with: the model's training FLOPs per token, a rank's
+    peak FLOP/s and the number of ranks that share the tokens."""
+    flops_per_token: int
+    peak_flops: float  # FLOP/s of one rank
+    world: int
+
+    def of(self, tokens_per_s: float) -> Tuple[float, float]:
+        """(model FLOP/s of one rank, MFU) at ``tokens_per_s`` over all ranks."""
+        achieved = self.flops_per_token * tokens_per_s / self.world
+        return achieved, achieved / self.peak_flops
+
+
 class Metrics:
     """Writes records to ``path`` and events to DeepSpeed's ``monitor``; a no-op unless ``enabled``
-    (rank 0 writes, the other ranks only take part in the all-reduces)."""
+    (rank 0 writes, the other ranks only take part in the all-reduces). ``utilisation`` turns tokens/s
+    into model FLOP/s and MFU."""
 
-    def __init__(self, path: Path, monitor, enabled: bool) -> None:
-        self.path, self.monitor, self.enabled = Path(path), monitor, enabled
+    def __init__(self, path: Path, monitor, enabled: bool, utilisation: Utilisation) -> None:
+        self.path, self.monitor, self.enabled, self.utilisation = Path(path), monitor, enabled, utilisation
 
     def write(self, record: dict, events: List[tuple] = ()) -> None:
         if not self.enabled:
@@ -64,11 +83,14 @@ class Metrics:
         layer's RoutingStats sums, all-reduced. Returns the record."""
         layers = [RoutingStats.summarize(sums) for sums in routing]
         ce, balance, z_loss = (float(v) for v in losses)
+        achieved, mfu = self.utilisation.of(tokens_per_s)
         record = {"step": step, "tokens": tokens, "loss": finite_or_none(ce), "balance_loss": finite_or_none(balance),
                   "z_loss": finite_or_none(z_loss), "lr": lr, "skipped_steps": skipped, "tokens_per_s": tokens_per_s,
-                  "rss_mb": psutil.Process().memory_info().rss / 2**20, "layers": layers}
+                  "model_tflops": achieved / 1e12, "mfu": mfu, "rss_mb": psutil.Process().memory_info().rss / 2**20,
+                  "layers": layers}
         events = [("Train/loss", ce, step), ("Train/balance_loss", balance, step), ("Train/z_loss", z_loss, step),
                   ("Train/lr", lr, step), ("Train/tokens_per_s", tokens_per_s, step),
+                  ("Train/model_tflops", achieved / 1e12, step), ("Train/mfu", mfu, step),
                   ("Train/skipped_steps", skipped, step)]
         for i, layer in enumerate(layers):
             events += [(f"MoE/layer{i}/max_mean_load", layer["max_mean_load"], step),

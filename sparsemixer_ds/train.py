@@ -27,9 +27,10 @@ from .comm import discover_mpi, init_distributed
 from .config import ConfigError, RunConfig, RunError, load_ds_config, total_steps
 from .data import Batches, eval_batches, model_vocab_size, open_split
 from .families import get_family
+from .flops import peak_flops
 from .hf_checkpoint import InitSource, check_init_from, load_init_weights
 from .machine import check_memory, check_precision
-from .metrics import Metrics, Throughput, all_mean
+from .metrics import Metrics, Throughput, Utilisation, all_mean
 from .optim import apply_schedule, make_adamw, make_schedule
 from .routing import check_impl
 from .rundir import RunDir, TagState, tag_name
@@ -132,11 +133,16 @@ class Trainer:
         self.batches, self.val_batches = loaders(cfg, self.rank, self.world)
         self.run = RunDir(cfg.run_dir)
         dist.barrier()  # every rank has checked its inputs before rank 0 writes anything
+        # MFU's denominator: measured by every rank at once (CPU ranks share the cores, as in training).
+        self.cost = get_family(cfg).cost(cfg)
+        device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
+        self.peak = peak_flops(cfg, plan.ds_config, device)
         if self.rank == 0:
             self.run.write_configs(cfg, plan.ds_config, {
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "world_size": self.world,
                 "resumed_from": plan.resume_tag, "changes": list(plan.changes),
-                "init_from": plan.init_from and plan.init_from.path})
+                "init_from": plan.init_from and plan.init_from.path, "flops_per_token": self.cost.flops_per_token,
+                "peak_tflops": self.peak.flops / 1e12, "peak": self.peak.source})
         print(f"[rank {self.rank}/{self.world}] host {socket.gethostname()}, local rank "
               f"{os.environ.get('LOCAL_RANK', '0')}, expert-parallel group {self.rank // cfg.moe.ep_size} of size "
               f"{cfg.moe.ep_size}", flush=True)
@@ -164,7 +170,8 @@ class Trainer:
             self.engine.compile()
         self.device = self.engine.device
         self.routing = model.routing_stats()
-        self.metrics = Metrics(self.run.metrics, self.engine.monitor, self.rank == 0)
+        self.metrics = Metrics(self.run.metrics, self.engine.monitor, self.rank == 0,
+                               Utilisation(self.cost.flops_per_token, self.peak.flops, self.world))
         self.tokens_per_step = t.micro_batch * t.grad_accum * self.world * cfg.model.seq_len
         self.throughput = Throughput(self.tokens_per_step)
         self.skipped = self.streak = 0  # steps skipped in all, and in a row now
@@ -326,4 +333,7 @@ def summary(cfg: RunConfig, last: dict) -> str:
     if "val_loss" in last:
         lines.append(f"final validation loss {last['val_loss']:.4f}, perplexity {last['val_ppl']:.2f} "
                      f"(step {last['step']}, {last.get('tokens_per_s', 0):,.0f} tokens/s)")
+    if "mfu" in last:
+        lines.append(f"model FLOPs utilisation {last['mfu']:.1%} ({last['model_tflops']:.3g} TFLOP/s per rank; "
+                     f"against the peak recorded with the start in {run.starts})")
     return "\n".join(lines)

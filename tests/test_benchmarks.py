@@ -106,6 +106,17 @@ def test_growth_smoke(tmp_path):
     assert all(r["ms"] > 0 and r["peak_mb"] >= 0 for r in rows)
 
 
+def test_plan_check_smoke(tmp_path, corpus):
+    out = tmp_path / "plan_check.json"
+    stdout = run_script(REPO / "benchmarks" / "plan_check.py", "--smoke", "--data", corpus, "--json", out)
+    rows = {r["family"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"native", "hf"}
+    for r in rows.values():
+        assert r["plan_bytes"] == r["state_bytes"] + r["activation_bytes"] and r["peak_rss_bytes"] > r["framework_bytes"]
+        assert r["ratio"] == r["plan_bytes"] / r["peak_rss_bytes"] and f"{r['ratio']:.3f}" in stdout
+        assert 0 < r["mfu"] < 1 and r["model_tflops"] > 0
+
+
 def test_train_options_smoke_and_graph_breaks(tmp_path):
     out = tmp_path / "train_options.json"
     stdout = run_script(REPO / "benchmarks" / "train_options.py", "--smoke", "--json", out)
