@@ -86,7 +86,7 @@ def bench_shape(tokens: int, dim: int, experts: int, repeats: int, device: torch
     return rows
 
 
-SIZES = [(1024, 8), (4096, 8), (8192, 8), (16384, 8), (65536, 8), (1024, 64), (4096, 64), (16384, 64)]
+SIZES = [(256, 8), (512, 8), (1024, 8), (4096, 8), (8192, 8), (16384, 8), (65536, 8), (1024, 64), (4096, 64), (16384, 64)]
 
 
 def bench_sizes(sizes: list, repeats: int, device: torch.device) -> list:

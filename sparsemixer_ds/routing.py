@@ -122,9 +122,9 @@ def _masked_softmax(scores_SE: torch.Tensor, jitter_eps: float, sampling: bool =
     """One round's jitter-masked softmax, with what sampling needs from it.
 
     Returns probs_SE, the running sum cdf_SE of the unnormalized probabilities (None unless
-    ``sampling``), the softmax's denominator total_S1 and argmax_S.
+    ``sampling``), the softmax's denominator total_S1 and the row maxima max_S1.
     """
-    max_S1, argmax_S1 = scores_SE.max(dim=1, keepdim=True)
+    max_S1 = scores_SE.amax(dim=1, keepdim=True)  # no argmax: its index bookkeeping is the costliest reduction
     # (m - z) / max(|z|, m) > 2 eps, written without the division: the denominator is zero only
     # where m = z = 0, which must not be masked; excluded -inf entries compare inf > inf (false)
     # and stay excluded through exp(-inf) = 0.
@@ -136,7 +136,7 @@ def _masked_softmax(scores_SE: torch.Tensor, jitter_eps: float, sampling: bool =
         total_S1 = cdf_SE[:, -1:]
     else:
         total_S1 = unnormalized_SE.sum(dim=1, keepdim=True)
-    return unnormalized_SE.div_(total_S1), cdf_SE, total_S1, argmax_S1.squeeze(1)
+    return unnormalized_SE.div_(total_S1), cdf_SE, total_S1, max_S1
 
 
 def _rounds_forward(scores_SE: torch.Tensor, coins_KS2: Optional[torch.Tensor], top_k: int, jitter_eps: float,
@@ -146,16 +146,18 @@ def _rounds_forward(scores_SE: torch.Tensor, coins_KS2: Optional[torch.Tensor], 
     for k in range(top_k):
         if experts:  # experts picked in earlier rounds leave the race
             scores_SE = scores_SE.scatter(1, experts[-1].unsqueeze(1), float("-inf"))
-        probs_SE, cdf_SE, total_S1, argmax_S = _masked_softmax(scores_SE, jitter_eps, sampling=training)
+        probs_SE, cdf_SE, total_S1, max_S1 = _masked_softmax(scores_SE, jitter_eps, sampling=training)
         if training:
             # Inverse-CDF sampling: one uniform per token instead of one noise draw per expert.
             # u lies in (0, total], so the first expert whose running sum reaches it has p > 0.
             coins_S2 = coins_KS2[k]
             chosen_S = (cdf_SE < (1.0 - coins_S2[:, :1]) * total_S1).sum(dim=1)
-            keep_full_S = (coins_S2[:, 1] < q) | ((chosen_S == argmax_S) & exempt_argmax)
+            # The draw is the argmax when its logit is the row's maximum (any of tied maxima).
+            is_argmax_S = scores_SE.gather(1, chosen_S.unsqueeze(1)).squeeze(1) == max_S1.squeeze(1)
+            keep_full_S = (coins_S2[:, 1] < q) | (is_argmax_S & exempt_argmax)
             scale_S = torch.where(keep_full_S, 1.0, c_low)
         else:
-            chosen_S = argmax_S
+            chosen_S = scores_SE.argmax(dim=1)  # the first of tied maxima
             scale_S = torch.ones_like(total_S1[:, 0])
         p_chosen_S = probs_SE.gather(1, chosen_S.unsqueeze(1)).squeeze(1)
         experts.append(chosen_S)
@@ -287,8 +289,10 @@ def compiler_available(device: torch.device) -> bool:
 
 
 # Below this many logits per call (S x E) the eager path is as fast on the CPU: a compiled call's
-# fixed cost (guards, the C++ wrapper) outweighs the passes it saves (benchmarks/gate.py --sizes).
-CPU_FUSED_MIN_LOGITS = 1 << 16
+# fixed cost (guards, the C++ wrapper) outweighs the passes it saves. Measured on 2 cores with
+# ``python benchmarks/gate.py --sizes``: fused/eager 1.02-1.04x (top-1) at 512-2048 logits, 0.95x at
+# 4096 and 0.36x-0.94x above.
+CPU_FUSED_MIN_LOGITS = 1 << 12
 
 
 def check_impl(impl: str, device: torch.device) -> None:

@@ -26,7 +26,7 @@ def test_gate_benchmark_smoke(tmp_path):
     sizes = tmp_path / "sizes" / "gate.json"
     stdout = run_script(REPO / "benchmarks" / "gate.py", "--sizes", "--smoke", "--json", sizes)
     rows = json.loads(sizes.with_name("gate_sizes.json").read_text())["rows"]
-    assert [(r["tokens"], r["experts"], r["k"]) for r in rows] == [(1024, 8, 1), (1024, 8, 2)]
+    assert [(r["tokens"], r["experts"], r["k"]) for r in rows] == [(256, 8, 1), (256, 8, 2)]
     assert all(f"{r['fused_vs_eager']:.2f}x" in stdout for r in rows)
 
 
