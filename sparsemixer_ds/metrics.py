@@ -3,7 +3,7 @@ monitors (CSV, TensorBoard), and the training throughput that goes with them.
 
 Records, by the keys they carry:
     {"step", "tokens", "loss", "balance_loss", "z_loss", "lr", "skipped_steps", "tokens_per_s", "model_tflops",
-     "mfu", "rss_mb", "layers": [{"load", "max_mean_load", "dropped", "entropy"} per MoE layer]}
+     "mfu", "rss_mb", "peak_mem_mb", "layers": [{"load", "max_mean_load", "dropped", "entropy"} per MoE layer]}
                                                         every logging.interval steps
     {"step", "val_loss", "val_ppl"}                     every eval.interval steps and at the end
     {"step", "resumed": true, "val_loss", "val_ppl"}    the loaded model, first thing after a resume
@@ -16,6 +16,7 @@ and how it was obtained are in the start's record, starts/start_NNN.yaml, as "pe
 """
 import json
 import math
+import resource
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +47,17 @@ def all_mean(values: torch.Tensor) -> torch.Tensor:
     values = values.clone()
     dist.all_reduce(values)
     return values / dist.get_world_size()
+
+
+def peak_memory_mb() -> float:
+    """This rank's peak memory so far, in MiB: the most its tensors held on the GPU
+    (``torch.cuda.max_memory_allocated``: what ``sparsemixer-ds plan`` counts, without the CUDA
+    context and the allocator's cache), or on a CPU the process's peak resident set."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    # The kernel's high-water mark (KiB on Linux) can lag the current resident set by a page table update.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return max(peak, psutil.Process().memory_info().rss) / 2**20
 
 
 class Utilisation(NamedTuple):
@@ -87,7 +99,7 @@ class Metrics:
         record = {"step": step, "tokens": tokens, "loss": finite_or_none(ce), "balance_loss": finite_or_none(balance),
                   "z_loss": finite_or_none(z_loss), "lr": lr, "skipped_steps": skipped, "tokens_per_s": tokens_per_s,
                   "model_tflops": achieved / 1e12, "mfu": mfu, "rss_mb": psutil.Process().memory_info().rss / 2**20,
-                  "layers": layers}
+                  "peak_mem_mb": peak_memory_mb(), "layers": layers}
         events = [("Train/loss", ce, step), ("Train/balance_loss", balance, step), ("Train/z_loss", z_loss, step),
                   ("Train/lr", lr, step), ("Train/tokens_per_s", tokens_per_s, step),
                   ("Train/model_tflops", achieved / 1e12, step), ("Train/mfu", mfu, step),

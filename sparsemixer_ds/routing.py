@@ -290,8 +290,8 @@ def compiler_available(device: torch.device) -> bool:
 
 # Below this many logits per call (S x E) the eager path is as fast on the CPU: a compiled call's
 # fixed cost (guards, the C++ wrapper) outweighs the passes it saves. Measured on 2 cores with
-# ``python benchmarks/gate.py --sizes``: fused/eager 1.02-1.04x (top-1) at 512-2048 logits, 0.95x at
-# 4096 and 0.36x-0.94x above.
+# ``python benchmarks/gate.py --sizes``: fused/eager 1.00x (top-1) and 0.83x (top-2) at 2048-4096
+# logits, 0.37x-0.93x above.
 CPU_FUSED_MIN_LOGITS = 1 << 12
 
 

@@ -131,5 +131,6 @@ def test_a_run_logs_model_flops_and_mfu_against_its_recorded_peak(tmp_path, corp
     for r in records:
         assert r["model_tflops"] == pytest.approx(flops_per_token * r["tokens_per_s"] / 2 / 1e12, rel=1e-12)
         assert r["mfu"] == pytest.approx(r["model_tflops"] / start["peak_tflops"], rel=1e-12)
+        assert r["peak_mem_mb"] >= r["rss_mb"] > 0  # on a CPU: the peak resident set, never below the current one
     assert list((run_dir).rglob("Train_mfu.csv")) and list((run_dir).rglob("Train_model_tflops.csv"))
     assert f"model FLOPs utilisation {records[-1]['mfu']:.1%}" in proc.stdout
