@@ -1,9 +1,12 @@
 """Each benchmark script runs end to end in its smoke size and writes the JSON its table came from."""
 import json
+import statistics
 import subprocess
 import sys
+from pathlib import Path
 
-from conftest import REPO, launch_env
+import pytest
+from conftest import REPO, launch_env, run_metrics
 
 
 def run_script(*args, timeout=300):
@@ -135,3 +138,31 @@ def test_train_options_smoke_and_graph_breaks(tmp_path):
     frames = [line.strip() for line in stdout.splitlines() if line.strip().startswith("at ")]
     innermost = frames[1::2]
     assert innermost and all("deepspeed/moe/sharded_moe.py" in f and "C = int(C)" in f for f in innermost), frames
+
+
+def test_gpu_check_script_runs_its_cpu_parts(tmp_path):
+    """benchmarks/gpu_check.sh as a GPU machine runs it, at the CPU configs' size (--smoke): the set-up finds
+    everything installed, every part runs, and the tables come from the runs' own records."""
+    out = tmp_path / "gpu_check"
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--smoke", "--out", str(out)], cwd=REPO,
+                          env={**launch_env(), "PYTHON": sys.executable}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "gpu_check.json").read_text())
+    assert [r["k"] for r in result["gate"]["rows"]] == [1, 2] and len(result["gate"]["sizes"]) == 2
+    names = [r["name"] for r in result["training"]]
+    assert names == ["cpu_small", "cpu_small + activation checkpointing", "cpu_phimoe, ep_size 1"]
+    table = (out / "gpu_check.md").read_text()
+    for r in result["training"]:
+        records = [m for m in run_metrics(Path(r["run_dir"])) if "mfu" in m]
+        assert len(records) == 4 and r["mfu"] == statistics.median(m["mfu"] for m in records[1:])
+        assert 0 < r["mfu"] < 1 and r["plan_over_peak"] == r["plan_bytes"] / r["peak_mem_bytes"]
+        assert f"| {r['name']} |" in table and f"{r['mfu']:.1%}" in table
+    # Checkpointing recomputes the same step: the same loss.
+    assert result["training"][1]["loss"] == pytest.approx(result["training"][0]["loss"], rel=1e-6)
+    # Without a GPU the full check refuses at once, saying what to do; a wrong option is named.
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py")], cwd=REPO, env=launch_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "no CUDA GPU is visible" in proc.stderr and "--smoke" in proc.stderr
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--fast"], cwd=REPO, env=launch_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown option --fast" in proc.stderr
