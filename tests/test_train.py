@@ -134,6 +134,21 @@ def test_a_rank_killed_while_saving_resumes_to_the_uninterrupted_result(tmp_path
     assert (saving / "COMPLETE").is_file(), "step 8 was saved again, whole this time"
 
 
+def test_a_fused_routing_run_resumes_to_the_uninterrupted_result(tmp_path, corpus):
+    """moe.routing_impl=fused: the compiled rounds take their coins from the step's seed as the eager ones do,
+    so a run resumed from its step-4 checkpoint logs what it logged uninterrupted."""
+    full = tmp_path / "full"
+    launch(full, corpus, *FINISHED, "moe.routing_impl=fused")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    (resumed / "LOCK").unlink(missing_ok=True)
+    cmd = launch_cmd(resumed, corpus, *FINISHED, "moe.routing_impl=fused", port=free_port())
+    proc = subprocess.run(cmd + ["--resume-tag", "step_00000004"], cwd=REPO, env=launch_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_resumed_as_uninterrupted(resumed, full, 4)
+
+
 def disk_usage(path: Path) -> int:
     """Bytes a tree takes on a tmpfs: every file rounded up to whole 4 KiB pages."""
     return sum(-(-f.stat().st_size // 4096) * 4096 for f in path.rglob("*") if f.is_file())
