@@ -110,6 +110,20 @@ def init_distributed(timeout_s: float = 1800.0, verbose: bool = True) -> None:
     set_collective_timeout(timeout_s)
 
 
+def single_process_group() -> None:
+    """A world of one for DeepSpeed's engine in this process, when no launcher set one up (an export, a test)."""
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    init_distributed(verbose=False)
+
+
 def set_collective_timeout(seconds: float) -> None:
     """Make every collective of this process wait at most ``seconds`` for the other ranks: in the
     process groups that exist and in those made from now on.

@@ -9,8 +9,6 @@ The file's metadata holds the format, the run config, the tokenizer and the SHA-
 digests were added load unchecked.
 """
 import json
-import os
-import socket
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -19,27 +17,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .checksums import ALGORITHM, tensor_digest
+from .comm import single_process_group
 from .config import ConfigError, RunConfig, config_dict, config_from_dict
 from .data import tokenizer_record
 from .families import get_family
 from .rundir import RunDir
 
 EXPORT_FORMAT = "sparsemixer_ds.export/2"
-
-
-def _single_process_group() -> None:
-    """A world of one for DeepSpeed's engine, when no launcher set one up."""
-    from .comm import init_distributed
-    if not torch.distributed.is_initialized():
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
-    init_distributed(verbose=False)
 
 
 def load_checkpoint_model(run_dir: Path, tag: Optional[str] = None) -> Tuple[torch.nn.Module, RunConfig]:
@@ -50,7 +34,7 @@ def load_checkpoint_model(run_dir: Path, tag: Optional[str] = None) -> Tuple[tor
     tag = run.checkpoint(tag)
     cfg = run.saved_config()
     cfg.moe.ep_size = 1
-    _single_process_group()
+    single_process_group()
     family = get_family(cfg)
     ds = {"train_micro_batch_size_per_gpu": 1}
     ds.update(family.ds_config(cfg, ds, "export"))  # family hf: AutoEP's section, so its layers exist before loading

@@ -32,6 +32,13 @@ def launch_env() -> dict:
 
 
 @pytest.fixture
+def world_of_one():
+    """A process group of one rank in this process, for deepspeed.initialize (AutoEP builds its layers in it)."""
+    from sparsemixer_ds.comm import single_process_group
+    single_process_group()
+
+
+@pytest.fixture
 def deepspeed_run(tmp_path):
     """Run ``script`` under the real ``deepspeed`` launcher with N local ranks.
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, free_port, run_metrics, set_args
+from conftest import REPO, run_metrics, set_args
 from test_hf_family import launch, write_config
 
 from sparsemixer_ds.config import load_config
@@ -80,16 +80,6 @@ def test_native_checkpointed_step_equals_the_plain_one(router, k):
 
 
 @pytest.fixture(scope="module")
-def world_of_one():
-    """A process group of one rank, which DeepSpeed's AutoEP needs to build its layers."""
-    import os
-    from sparsemixer_ds.comm import init_distributed
-    if not torch.distributed.is_initialized():
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-    init_distributed(verbose=False)
-
-
 def test_hf_phimoe_checkpointed_step_equals_the_plain_one(world_of_one):
     import deepspeed
     from sparsemixer_ds import autoep

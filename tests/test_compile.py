@@ -3,12 +3,11 @@ deepspeed.initialize. A compiled step computes what the eager one does, and a la
 
 Compiling takes tens of seconds on 2 CPU cores: the models are tiny, and each is compiled once.
 """
-import os
 
 import pytest
 import torch
 import torch._inductor.config
-from conftest import REPO, free_port, run_metrics, set_args
+from conftest import REPO, run_metrics, set_args
 from test_hf_family import launch
 
 from sparsemixer_ds.config import load_config
@@ -23,15 +22,6 @@ DS = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 0},
 
 
 @pytest.fixture(scope="module")
-def world_of_one():
-    """A process group of one rank, for deepspeed.initialize in this process."""
-    from sparsemixer_ds.comm import init_distributed
-    if not torch.distributed.is_initialized():
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-    init_distributed(verbose=False)
-
-
 def test_compiled_engine_step_equals_the_eager_one(world_of_one):
     import deepspeed
     cfg = load_config(None, NATIVE)
