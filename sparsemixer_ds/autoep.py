@@ -35,6 +35,7 @@ Where the estimator needs more than AutoEP's layer has:
   AutoEP's layer has no such step. The router here jitters its own input only (the experts see the
   clean input), which is Switch's input jitter; eval, where there is no jitter, is unchanged.
 """
+import logging
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -175,6 +176,7 @@ def autoep_specs(model: nn.Module, ds_config: dict, source: str):
                      ("num_expert_groups", "limits each draw to groups of experts (SparseMixer samples over all)")):
         if section.get(key) is not None:
             raise AutoEPError(f"{source}: expert_parallel.{key}={section[key]!r} {why}; remove it")
+    _quiet_jitter_warning()
     specs = AutoEP(model, parse_autoep_config(section)).ep_parser()
     if not specs:
         raise AutoEPError(f"{source}: AutoEP finds no MoE block in {type(model).__name__} with these expert_parallel "
@@ -199,6 +201,21 @@ _HF_OPTIONS = {
     "phimoe": (("jitter_eps", "router_jitter_noise"), ("input_jitter", "input_jitter_noise")),
     "mixtral": (("input_jitter", "router_jitter_noise"),),
 }
+
+
+class _JitterWarning(logging.Filter):
+    """Drops AutoEP's warning that its router ignores the model's ``router_jitter_noise``: the SparseMixer
+    router replaces AutoEP's and applies that jitter (it is PhiMoE's jitter_eps), so the warning, once per
+    layer at every start, would say the opposite of what happens."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "AutoEP router does not implement jitter" not in record.getMessage()
+
+
+def _quiet_jitter_warning() -> None:
+    from deepspeed.utils import logger
+    if not any(isinstance(f, _JitterWarning) for f in logger.filters):
+        logger.addFilter(_JitterWarning())
 
 
 def use_sparsemixer(model: nn.Module, ds_config: dict, source: str = "the DeepSpeed config",

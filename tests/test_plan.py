@@ -1,9 +1,11 @@
 """sparsemixer-ds plan: its training-state bytes against a built DeepSpeed engine's tensors, its verdict on
 the shipped GPU configs (which need no GPU: the planner only reads configs), and its refusals."""
 import json
+import subprocess
+import sys
 
 import pytest
-from conftest import REPO, TINY_MODEL
+from conftest import REPO, TINY_MODEL, launch_env
 
 from sparsemixer_ds.cli import main
 from sparsemixer_ds.config import ConfigError, load_config
@@ -18,6 +20,16 @@ def test_each_shipped_gpu_config_fits_on_80_gb_gpus(config, world, capsys):
     assert main(["plan", "--config", str(REPO / "configs" / config), "--world-size", str(world)]) == 0
     out = capsys.readouterr().out
     assert f"fits: {world} ranks" in out and "GiB of 80.00 GiB per rank" in out
+
+
+def test_the_plan_of_a_jittered_phimoe_does_not_claim_the_jitter_is_ignored():
+    """DeepSpeed's AutoEP warns, per layer, that its router ignores router_jitter_noise; with the SparseMixer
+    router in its place the jitter is applied, so the warning must not reach the user."""
+    proc = subprocess.run([sys.executable, "-m", "sparsemixer_ds.cli", "plan", "--config",
+                           str(REPO / "configs" / "gpu_grin.yaml"), "--world-size", "32"], cwd=REPO, env=launch_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "fits: 32 ranks" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "does not implement jitter" not in proc.stdout + proc.stderr
 
 
 def test_a_plan_that_does_not_fit_exits_non_zero_and_says_what_to_change(capsys):
