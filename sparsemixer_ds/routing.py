@@ -28,6 +28,12 @@ Ablations, for studies rather than training (benchmarks/fidelity.py, benchmarks/
   gradient doubled (c = 1, s = 2).
 - midpoint-all: midpoint with the coin for the argmax draw too. Exactly unbiased when L is
   quadratic (the midpoint rule is exact there), at the cost of perturbing the likely expert.
+
+Two implementations of one computation (``impl``): eager, PyTorch ops, the reference; and fused,
+the same forward and backward functions compiled by torch.compile (inductor: C++ on a CPU, Triton
+on a GPU) into a few kernels instead of a chain of S x E passes. The uniforms are drawn before
+either runs, so both take the same draws from the same seed; "auto" picks fused where it is faster
+(``use_fused``; benchmarks/gate.py --sizes).
 """
 from typing import List, NamedTuple, Optional, Tuple
 
