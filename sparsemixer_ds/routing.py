@@ -237,9 +237,16 @@ def _fused_backward_fn(scores_SE, experts_SK, grad_weights_SK, constants_5):
 # constants come in as a tensor (a Python float would be a guard, and each estimator a recompile),
 # and S is marked dynamic on each call, while E stays static so that the loops over a row's experts
 # compile to fixed-length vector code.
-_fused_forward = torch.compile(_fused_forward_fn, dynamic=None)
-_fused_backward = torch.compile(_fused_backward_fn, dynamic=None)
+# Made on first use: torch.compile imports dynamo (about a second), which a process that never fuses
+# (the eager path, the command line) should not pay.
+_COMPILED: dict = {}
 _CONSTANTS: dict = {}
+
+
+def _compiled(fn):
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=None)
+    return _COMPILED[fn]
 
 
 def _constants(device: torch.device, jitter_eps: float, rule: EstimatorRule) -> torch.Tensor:
@@ -265,7 +272,7 @@ class _FusedRounds(torch.autograd.Function):
                 training: bool, rule: EstimatorRule) -> Tuple[torch.Tensor, torch.Tensor]:
         constants_5 = _constants(scores_SE.device, jitter_eps, rule)
         _tokens_dynamic(scores_SE, coins_KS2)
-        experts_SK, weights_SK = _fused_forward(scores_SE, coins_KS2, constants_5, top_k, training)
+        experts_SK, weights_SK = _compiled(_fused_forward_fn)(scores_SE, coins_KS2, constants_5, top_k, training)
         ctx.save_for_backward(scores_SE, experts_SK, constants_5)
         ctx.mark_non_differentiable(experts_SK)
         return experts_SK, weights_SK
@@ -276,7 +283,8 @@ class _FusedRounds(torch.autograd.Function):
         scores_SE, experts_SK, constants_5 = ctx.saved_tensors
         grad_weights_SK = grad_weights_SK.contiguous()
         _tokens_dynamic(scores_SE, experts_SK, grad_weights_SK)
-        return _fused_backward(scores_SE, experts_SK, grad_weights_SK, constants_5), None, None, None, None, None
+        grad_SE = _compiled(_fused_backward_fn)(scores_SE, experts_SK, grad_weights_SK, constants_5)
+        return grad_SE, None, None, None, None, None
 
 
 def compiler_available(device: torch.device) -> bool:
