@@ -130,7 +130,9 @@ def _masked_softmax(scores_SE: torch.Tensor, jitter_eps: float, sampling: bool =
     Returns probs_SE, the running sum cdf_SE of the unnormalized probabilities (None unless
     ``sampling``), the softmax's denominator total_S1 and the row maxima max_S1.
     """
-    max_S1 = scores_SE.amax(dim=1, keepdim=True)  # no argmax: its index bookkeeping is the costliest reduction
+    # .max(...).values, not amax: the same values and, compiled, the same kernel (the unused indices are
+    # dropped), but inside a model that torch.compile traces whole, amax made the router's gradient wrong.
+    max_S1 = scores_SE.max(dim=1, keepdim=True).values
     # (m - z) / max(|z|, m) > 2 eps, written without the division: the denominator is zero only
     # where m = z = 0, which must not be masked; excluded -inf entries compare inf > inf (false)
     # and stay excluded through exp(-inf) = 0.

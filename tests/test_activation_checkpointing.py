@@ -79,7 +79,6 @@ def test_native_checkpointed_step_equals_the_plain_one(router, k):
     assert (other[name] - runs[1][1][name]).abs().max() > 1e-4
 
 
-@pytest.fixture(scope="module")
 def test_hf_phimoe_checkpointed_step_equals_the_plain_one(world_of_one):
     import deepspeed
     from sparsemixer_ds import autoep

@@ -21,7 +21,6 @@ DS = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 0},
       "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
 
 
-@pytest.fixture(scope="module")
 def test_compiled_engine_step_equals_the_eager_one(world_of_one):
     import deepspeed
     cfg = load_config(None, NATIVE)
