@@ -19,6 +19,8 @@ setup(
         "tqdm>=4.60",
         "psutil>=5.9",  # resident memory in the metrics
         "tokenizers>=0.19",  # BPE trained locally, or loaded from a local tokenizer.json
+        "pyarrow>=14",  # prepare reads Parquet corpora (the text column, row group by row group)
+        "zstandard>=0.22",  # prepare reads zstd-compressed JSONL (.jsonl.zst, .zst)
         "matplotlib>=3.7",  # the end-of-run plot
         "tensorboard>=2.14",  # DeepSpeed's TensorBoard monitor
         "safetensors>=0.4",  # exports: weights in a format that cannot carry code

@@ -19,15 +19,19 @@ from .config import ConfigError, RunError
 
 def _prepare(args: argparse.Namespace) -> None:
     from .data import prepare
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be >= 1 (processes that read and tokenize); got {args.workers}")
     meta = prepare(args.inputs or None, Path(args.out), tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                    val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field,
-                   progress=not args.quiet, encoding_errors=args.encoding_errors)
-    not_text = meta["not_text_documents"]
+                   progress=not args.quiet, encoding_errors=args.encoding_errors, skip_malformed=args.skip_malformed,
+                   workers=args.workers)
+    not_text, malformed = meta["not_text_documents"], meta["malformed_records"]
     handled = "left out" if meta["encoding_errors"] == "skip" else "kept with U+FFFD for each invalid byte"
     print(f"{args.out}: {meta['train_tokens']:,} training and {meta['val_tokens']:,} validation tokens "
           f"({meta['tokenizer']} tokenizer, vocabulary {meta['vocab_size']})"
           + (f"; {not_text:,} document(s) not UTF-8 text {handled} (--encoding-errors {meta['encoding_errors']})"
-             if not_text else ""))
+             if not_text else "")
+          + (f"; {malformed:,} malformed record(s) skipped (--skip-malformed)" if malformed else ""))
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -138,18 +142,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="text files, directories, globs or JSONL -> token files + meta.json")
+    p = sub.add_parser("prepare", help="text files, directories, globs, JSONL (.gz, .zst) or Parquet -> token files "
+                                       "+ meta.json")
     p.add_argument("inputs", nargs="*", help="files, directories or glob patterns (default: the stdlib sources)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tokenizer", default="bytes", help="bytes | bpe | path to a tokenizer.json")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size to train")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
-    p.add_argument("--text-field", default="text", help="the text field of JSONL records")
+    p.add_argument("--text-field", default="text", help="the text field of JSONL records, the text column of Parquet")
     p.add_argument("--encoding-errors", choices=("strict", "replace", "skip"),
                    help="a document that is not UTF-8 text (or holds a NUL byte): strict refuses it, replace keeps "
                         "it with U+FFFD for each invalid byte, skip leaves it out; replaced and skipped ones are "
                         "counted (default: strict; replace for the stdlib sources)")
+    p.add_argument("--skip-malformed", action="store_true",
+                   help="leave out malformed records (bad JSON, no string text field, a null Parquet text, the rest "
+                        "of a damaged .gz/.zst), counted, instead of refusing the corpus")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes that read and tokenize (default: the cores available); the output is the same "
+                        "for any number")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_prepare)
 

@@ -1,109 +1,32 @@
-"""Corpus -> token file, and the deterministic, resumable, rank-disjoint loader that reads it back.
+"""Prepared data: its meta.json, its tokenizer, and the deterministic, resumable, rank-disjoint loader.
 
-``prepare`` streams documents through a tokenizer into ``train.bin`` / ``val.bin`` (raw little-endian
-token ids, each document followed by the eos id) plus ``meta.json``. ``Batches`` cuts a token file into
+``prepare`` (prepare.py, re-exported here with the corpus readers) streams documents through a tokenizer
+into ``train.bin`` / ``val.bin`` (raw little-endian token ids, each document followed by the eos id) plus
+``meta.json``. ``Batches`` cuts a token file into
 fixed windows and serves them in an order that is a pure function of (seed, step, micro, rank), so a
 resumed run sees exactly the batches it would have seen and ranks never read the same window in a step.
 
 Shape legend: B micro-batch (sequences), T sequence length (tokens), W windows.
 """
-import glob
-import hashlib
 import json
-import os
-import sys
-import sysconfig
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm import tqdm
 
 from .config import ConfigError
+from .corpus import ENCODING_ERRORS, TEXT_SUFFIXES, default_corpus, iter_documents, resolve_inputs
+from .prepare import prepare
+from .tokenizer import EOS_TOKEN, TOKENIZERS, BpeTokenizer, ByteTokenizer
 
 __all__ = ["ByteTokenizer", "BpeTokenizer", "load_tokenizer", "tokenizer_record", "default_corpus", "resolve_inputs",
            "iter_documents", "prepare", "read_meta", "model_vocab_size", "TokenFile", "open_split", "Batches",
-           "eval_batches"]
+           "eval_batches", "EOS_TOKEN", "TEXT_SUFFIXES", "ENCODING_ERRORS"]
 
-EOS_TOKEN = "<|endoftext|>"
-TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".json", ".jsonl")
 DTYPES = ("uint16", "uint32")
 SPLITS = ("train", "val")
-TOKENIZERS = ("bytes", "bpe")
-# What prepare does with a document that is not UTF-8 text: refuse it, keep it with U+FFFD for each
-# invalid byte, or leave it out.
-ENCODING_ERRORS = ("strict", "replace", "skip")
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens 0..255, plus eos = 256: no training, nothing to save."""
-    kind = "bytes"
-    vocab_size = 257
-    eos_id = 256
-
-    def encode(self, text: str) -> List[int]:
-        # "replace" only matters for lone surrogates (possible from JSON escapes), which UTF-8 cannot hold.
-        return list(text.encode("utf-8", errors="replace"))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return bytes(i for i in ids if i != self.eos_id).decode("utf-8", errors="replace")
-
-
-class BpeTokenizer:
-    """Byte-level BPE from the ``tokenizers`` library: every text encodes, and decodes back exactly."""
-    kind = "bpe"
-
-    def __init__(self, tokenizer: Tokenizer):
-        # A tokenizer.json made elsewhere may lack our separator; adding it reuses its id if the vocab has it.
-        tokenizer.add_special_tokens([AddedToken(EOS_TOKEN, special=True, normalized=False)])
-        # Documents that contain the literal text "<|endoftext|>" must not produce eos in the middle of them.
-        tokenizer.encode_special_tokens = True
-        self._tokenizer = tokenizer
-        self.eos_id: int = tokenizer.token_to_id(EOS_TOKEN)
-        self.vocab_size: int = max(tokenizer.get_vocab_size(with_added_tokens=True), self.eos_id + 1)
-
-    @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int) -> "BpeTokenizer":
-        """Train locally on ``texts`` (consumed once, streamed); the vocab may end smaller on a small corpus."""
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 257:
-            raise ValueError(f"BPE vocab_size must be an integer >= 257 (256 bytes + eos); got {vocab_size!r}")
-        tokenizer = Tokenizer(models.BPE())
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tokenizer.decoder = decoders.ByteLevel()
-        # The full byte alphabet up front, so bytes unseen in training still encode (no unknown token).
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tokenizer.train_from_iterator(texts, trainer)
-        return cls(tokenizer)
-
-    @classmethod
-    def from_file(cls, path: Union[str, Path]) -> "BpeTokenizer":
-        """Load a local tokenizer.json (never the hub)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist; pass a tokenizer.json "
-                                    "written by `tokenizers` (or use tokenizer 'bytes' / 'bpe')")
-        return cls.from_json(path.read_text(encoding="utf-8"), source=str(path))
-
-    @classmethod
-    def from_json(cls, text: str, source: str = "tokenizer JSON") -> "BpeTokenizer":
-        """Build from the text of a tokenizer.json (as stored inside an export)."""
-        try:
-            return cls(Tokenizer.from_str(text))
-        except Exception as err:  # the Rust side raises a bare Exception for malformed JSON
-            raise ValueError(f"{source!r} is not a valid tokenizers tokenizer.json: {err}") from err
-
-    def save(self, path: Union[str, Path]) -> None:
-        self._tokenizer.save(str(path))
-
-    def encode(self, text: str) -> List[int]:
-        return self._tokenizer.encode(text).ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
 def read_meta(data_dir: Path) -> dict:
@@ -175,219 +98,6 @@ def tokenizer_record(data_dir: Path) -> dict:
     ``{"kind": "bytes" | "bpe", "json": the tokenizer.json text or None}``."""
     kind = read_meta(data_dir)["tokenizer"]
     return {"kind": kind, "json": (Path(data_dir) / "tokenizer.json").read_text() if kind == "bpe" else None}
-
-
-def default_corpus() -> List[Path]:
-    """Every ``*.py`` of the running interpreter's standard library (no site-packages), sorted."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "__pycache__"}
-    return sorted(p for p in stdlib.rglob("*.py")
-                  if p.is_file() and not skip.intersection(p.relative_to(stdlib).parts))
-
-
-def resolve_inputs(inputs: Sequence[str]) -> List[Path]:
-    """Files, directories (recursively, text suffixes only) and glob patterns -> a list of files.
-
-    Each directory or pattern is expanded in sorted order; the result keeps the order of ``inputs`` and
-    lists each file once.
-    """
-    if isinstance(inputs, (str, Path)) or not inputs:
-        raise ValueError(f"inputs must be a non-empty list of files, directories or glob patterns; got {inputs!r}")
-    found: List[Path] = []
-    for item in map(str, inputs):
-        path = Path(item)
-        if path.is_file():
-            files = [path]
-        elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-            if not files:
-                raise ValueError(f"directory {item!r} holds no files with suffix {', '.join(TEXT_SUFFIXES)}; "
-                                 "point at the text files or a glob pattern that matches them")
-        elif glob.has_magic(item):
-            files = [Path(p) for p in sorted(glob.glob(item, recursive=True)) if Path(p).is_file()]
-            if not files:
-                raise ValueError(f"glob pattern {item!r} matches no files; check the pattern "
-                                 "('**' needs to stand alone between slashes to recurse)")
-        else:
-            raise FileNotFoundError(f"input {item!r} is neither a file, a directory nor a glob pattern that exists")
-        found.extend(files)
-    seen, unique = set(), []
-    for path in found:
-        if path.resolve() not in seen:
-            seen.add(path.resolve())
-            unique.append(path)
-    return unique
-
-
-def _decode(data: bytes, key: str, offset: int, encoding_errors: str, not_text: Optional[Set[str]]) -> Optional[str]:
-    """The UTF-8 text of document ``key`` (``data``, found at byte ``offset`` of its file), or, if it is
-    not text (invalid UTF-8, or a NUL byte: a binary file): a ValueError naming it ("strict"), the text
-    with U+FFFD for each invalid byte ("replace"), None ("skip"); its key goes into ``not_text``."""
-    nul = data.find(b"\0")
-    if nul < 0:
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError as err:
-            problem = f"not UTF-8 text: byte 0x{data[err.start]:02x} at byte offset {offset + err.start} ({err.reason})"
-    else:
-        problem = f"a binary file, not text: a NUL byte at byte offset {offset + nul}"
-    if encoding_errors == "strict":
-        raise ValueError(f"{key}: {problem}; convert it to UTF-8 or leave it out of the inputs, or pass "
-                         "--encoding-errors skip (leaves such documents out) or replace (keeps them, with U+FFFD "
-                         "for each invalid byte)")
-    if not_text is not None:
-        not_text.add(key)
-    return data.decode("utf-8", errors="replace") if encoding_errors == "replace" else None
-
-
-def iter_documents(paths: Iterable[Union[str, Path]], text_field: str = "text", encoding_errors: str = "strict",
-                   not_text: Optional[Set[str]] = None) -> Iterator[Tuple[str, str]]:
-    """Yield (key, text) per non-empty document: a plain file is one, a ``.jsonl`` line is one.
-
-    Keys are the path string, or ``f"{path}:{line_number}"`` (1-based) for jsonl lines. A document that
-    is not UTF-8 text is refused, kept with U+FFFD replacements or left out, as ``encoding_errors``
-    (one of ENCODING_ERRORS) says; the keys of such documents are added to ``not_text``.
-    """
-    if encoding_errors not in ENCODING_ERRORS:
-        raise ValueError(f"encoding_errors must be one of {', '.join(ENCODING_ERRORS)}; got {encoding_errors!r}")
-    for path in map(Path, paths):
-        # Bytes, decoded here: "\r\n" stays as written, so decoding the tokens gives back the file's exact text.
-        with open(path, "rb") as f:
-            if path.suffix != ".jsonl":
-                text = _decode(f.read(), str(path), 0, encoding_errors, not_text)
-                if text:
-                    yield str(path), text
-                continue
-            offset = 0
-            for number, raw in enumerate(f, start=1):
-                line = _decode(raw, f"{path}:{number}", offset, encoding_errors, not_text)
-                offset += len(raw)
-                if line is None or not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{str(path)}:{number}: not valid JSON ({err}); each line must be an object "
-                                     f"with a string field {text_field!r}") from err
-                if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                    got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                    raise ValueError(f"{str(path)}:{number}: no string field {text_field!r} (got {got}); "
-                                     "pass text_field= naming the field that holds the text")
-                if obj[text_field]:
-                    yield f"{path}:{number}", obj[text_field]
-
-
-def _unit_hash(seed: int, key: str) -> float:
-    """sha256 of (seed, key) as a number in [0, 1): stable across runs, machines and PYTHONHASHSEED."""
-    digest = hashlib.sha256(f"{seed}\0{key}".encode("utf-8", errors="surrogatepass")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
-
-
-def _val_keys(paths: Sequence[Path], text_field: str, val_fraction: float, seed: int, progress: bool,
-              encoding_errors: str, not_text: Set[str]) -> set:
-    """The keys of the validation documents; a scan of the corpus that keeps only those keys (and
-    refuses, or notes in ``not_text``, the documents that are not UTF-8 text)."""
-    val, count, lowest, highest = set(), 0, (2.0, ""), (-1.0, "")
-    for path in tqdm(paths, desc="split", unit="file", disable=not progress, file=sys.stderr):
-        for key, _ in iter_documents([path], text_field, encoding_errors, not_text):
-            h = _unit_hash(seed, key)
-            count += 1
-            lowest, highest = min(lowest, (h, key)), max(highest, (h, key))
-            if h < val_fraction:
-                val.add(key)
-    if count == 0:
-        raise ValueError(f"the corpus ({len(paths)} files) holds no non-empty documents; "
-                         f"check the inputs (and text_field={text_field!r} for jsonl)")
-    # A small corpus can hash every document to one side; move the one nearest the cut across.
-    if val_fraction > 0 and count >= 2:
-        if not val:
-            val.add(lowest[1])
-        elif len(val) == count:
-            val.discard(highest[1])
-    return val
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    """Refuse an output directory that is a file, lies under one, or already holds prepared data."""
-    existing = out_dir
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        where = "" if existing == out_dir else f": {existing}"
-        raise ValueError(f"output directory {out_dir}{where} is a file, not a directory; choose another --out")
-    if (out_dir / "meta.json").exists():
-        raise ValueError(f"output directory {out_dir} already holds prepared data ({out_dir / 'meta.json'}); choose "
-                         "another --out, or delete it to prepare it again")
-
-
-def prepare(inputs: Optional[Sequence[str]], out_dir: Path, tokenizer: str = "bytes", vocab_size: int = 4096,
-            val_fraction: float = 0.01, seed: int = 0, text_field: str = "text", progress: bool = True,
-            encoding_errors: Optional[str] = None) -> dict:
-    """Tokenize a corpus into ``out_dir/{train,val}.bin`` + ``meta.json`` (+ ``tokenizer.json`` for BPE).
-
-    inputs: files / directories / globs, or None for the standard library sources. tokenizer: "bytes",
-    "bpe" (trained on the training documents with ``vocab_size``) or a path to a tokenizer.json.
-    The split is by document and depends only on (seed, document key); the key holds the path as given
-    (see iter_documents), so the same corpus passed by another path splits differently.
-    encoding_errors: what happens to a document that is not UTF-8 text (ENCODING_ERRORS, see
-    iter_documents); None: "strict" for ``inputs``, "replace" for the standard library, whose test
-    suite holds a few sources in other encodings on purpose (4 in CPython 3.11, each declaring its
-    encoding; replacing their few non-UTF-8 bytes keeps the rest of them, and the token files the
-    same as before this option existed). Such documents are counted in meta.json
-    (``not_text_documents``). ``out_dir`` must not hold prepared data already. Returns the meta dict.
-    """
-    if not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be a number in [0, 1) (0.01 is usual); got {val_fraction!r}")
-    if tokenizer not in TOKENIZERS and not Path(tokenizer).is_file():
-        raise FileNotFoundError(f"tokenizer {tokenizer!r} is neither 'bytes', 'bpe' nor an existing tokenizer.json")
-    if encoding_errors is None:
-        encoding_errors = "replace" if inputs is None else "strict"
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir)
-    paths = default_corpus() if inputs is None else resolve_inputs(inputs)
-    not_text: Set[str] = set()
-    val = _val_keys(paths, text_field, val_fraction, seed, progress, encoding_errors, not_text)
-    if tokenizer == "bytes":
-        tok = ByteTokenizer()
-    elif tokenizer == "bpe":
-        tok = BpeTokenizer.train((text for key, text in iter_documents(paths, text_field, encoding_errors)
-                                  if key not in val), vocab_size)
-    else:
-        tok = BpeTokenizer.from_file(tokenizer)
-    dtype = "uint16" if tok.vocab_size <= 65536 else "uint32"
-    np_dtype = np.dtype(dtype).newbyteorder("<")
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = ["train.bin", "val.bin", "meta.json"] + (["tokenizer.json"] if tok.kind == "bpe" else [])
-    # Everything goes to temporary names first and is renamed at the end (meta.json last), so an
-    # interrupted run never leaves a token file that looks finished.
-    tmp = {name: out_dir / f".{name}.tmp{os.getpid()}" for name in names}
-    tokens = {"train": 0, "val": 0}
-    documents = {"train": 0, "val": 0}
-    try:
-        with open(tmp["train.bin"], "wb", buffering=1 << 20) as f_train, \
-                open(tmp["val.bin"], "wb", buffering=1 << 20) as f_val:
-            for path in tqdm(paths, desc="tokenize", unit="file", disable=not progress, file=sys.stderr):
-                for key, text in iter_documents([path], text_field, encoding_errors):
-                    split = "val" if key in val else "train"
-                    ids = tok.encode(text)
-                    ids.append(tok.eos_id)
-                    (f_val if split == "val" else f_train).write(np.asarray(ids, dtype=np_dtype).tobytes())
-                    tokens[split] += len(ids)
-                    documents[split] += 1
-        meta = {"tokenizer": tok.kind, "vocab_size": tok.vocab_size, "dtype": dtype,
-                "train_tokens": tokens["train"], "val_tokens": tokens["val"], "documents": documents,
-                "val_fraction": val_fraction, "seed": seed, "sources": len(paths), "text_field": text_field,
-                "encoding_errors": encoding_errors, "not_text_documents": len(not_text)}
-        if tok.kind == "bpe":
-            tok.save(tmp["tokenizer.json"])
-        tmp["meta.json"].write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        for name in names:
-            os.replace(tmp[name], out_dir / name)
-    finally:
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
-    return meta
 
 
 class TokenFile:

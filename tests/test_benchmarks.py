@@ -166,3 +166,16 @@ def test_gpu_check_script_runs_its_cpu_parts(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--fast"], cwd=REPO, env=launch_env(),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "unknown option --fast" in proc.stderr
+
+
+def test_prepare_benchmark_smoke(tmp_path):
+    out = tmp_path / "prepare.json"
+    stdout = run_script(REPO / "benchmarks" / "prepare.py", "--smoke", "--json", out)
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["input"], r["tokenizer"]) for r in rows] == [
+        (i, t) for i in ("text files", "jsonl.gz", "parquet") for t in ("bytes", "bpe 300")]
+    assert result["bpe_train_seconds"] > 0
+    for r in rows:
+        assert r["mb_per_s_1"] > 0 and r["speedup"] == pytest.approx(r["mb_per_s_2"] / r["mb_per_s_1"])
+        assert f"{r['speedup']:.2f}x" in stdout

@@ -307,14 +307,15 @@ def test_interrupted_prepare_leaves_nothing(tmp_path, monkeypatch, capsys):
     corpus = write_corpus(tmp_path / "corpus")
     calls = []
 
-    def encode_then_fail(self, text):
+    def encode_then_fail(self, text, dtype):
         calls.append(text)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return list(text.encode("utf-8"))
+        return np.array(list(text.encode("utf-8")) + [self.eos_id], dtype)
 
-    monkeypatch.setattr(ByteTokenizer, "encode", encode_then_fail)
+    # One worker: the interruption comes in this process (a worker's comes back to it: test_prepare.py).
+    monkeypatch.setattr(ByteTokenizer, "encode_document", encode_then_fail)
     with pytest.raises(KeyboardInterrupt):
-        prepare([str(corpus)], tmp_path / "out", progress=True)
+        prepare([str(corpus)], tmp_path / "out", progress=True, workers=1)
     assert list((tmp_path / "out").iterdir()) == []
     assert "tokenize" in capsys.readouterr().err, "the progress bar goes to stderr"

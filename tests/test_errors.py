@@ -213,9 +213,9 @@ def test_prepare_skips_or_replaces_on_request_and_counts(tmp_path, policy, kept)
 
 
 def test_the_default_corpus_keeps_its_few_non_utf8_sources_with_replacements(tmp_path, monkeypatch):
-    import sparsemixer_ds.data as data
+    import sparsemixer_ds.prepare as preparing
     sources = write_inputs(tmp_path / "stdlib")
-    monkeypatch.setattr(data, "default_corpus", lambda: sorted(sources.iterdir()))
+    monkeypatch.setattr(preparing, "default_corpus", lambda: sorted(sources.iterdir()))
     meta = prepare(None, tmp_path / "out", val_fraction=0.0, progress=False)
     assert (meta["encoding_errors"], meta["not_text_documents"], meta["documents"]["train"]) == ("replace", 2, 3)
 
