@@ -70,6 +70,11 @@ def _check(args: argparse.Namespace) -> None:
     print(f"ok: {args.world_size} ranks, {args.world_size // cfg.moe.ep_size} expert-parallel group(s) of "
           f"{cfg.moe.ep_size}, {get_family(cfg).experts_per_layer(cfg)} experts per MoE layer, {total_steps(cfg, args.world_size)} "
           f"steps, run_dir {cfg.run_dir}")
+    if cfg.data.sources:
+        from .mixture import data_sources
+        sources = data_sources(cfg)
+        total = sum(source.weight for source in sources)
+        print("data: " + ", ".join(f"{source.name} {source.weight / total:.1%} ({source.path})" for source in sources))
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -115,6 +120,7 @@ def _generate(args: argparse.Namespace) -> None:
     if args.top_k < 0:
         raise ConfigError(f"--top-k must be >= 0 (0: sample among all tokens); got {args.top_k}")
     from .data import BpeTokenizer, ByteTokenizer, tokenizer_record
+    from .mixture import tokenizer_dir
     from .export import load_checkpoint_model, load_export
     from .model import sample
     if args.export and Path(args.export).is_dir():
@@ -125,7 +131,7 @@ def _generate(args: argparse.Namespace) -> None:
         model, cfg, record = load_export(Path(args.export))
     else:
         model, cfg = load_checkpoint_model(Path(args.run), args.tag)
-        record = tokenizer_record(Path(cfg.data.path))
+        record = tokenizer_record(tokenizer_dir(cfg))
     tokenizer = ByteTokenizer() if record["kind"] == "bytes" else BpeTokenizer.from_json(record["json"])
     torch.manual_seed(args.seed)
     prompt = tokenizer.encode(args.prompt) or [tokenizer.eos_id]

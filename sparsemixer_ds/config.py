@@ -71,8 +71,22 @@ class MoEConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a mixture (data.sources): a prepared data directory and its share of the batches."""
+    path: str = ""  # a directory written by `sparsemixer-ds prepare`
+    weight: float = 1.0  # share of the training sequences, relative to the other sources' weights
+    name: str = ""  # how metrics name it; "": the directory's name
+
+
+DEFAULT_DATA_PATH = "data/stdlib-bytes"
+
+
+@dataclass
 class DataConfig:
-    path: str = "data/stdlib-bytes"  # a directory written by `sparsemixer-ds prepare`
+    path: str = DEFAULT_DATA_PATH  # a directory written by `sparsemixer-ds prepare`
+    # A weighted mixture of prepared directories (sharing one tokenizer) instead of data.path:
+    # [{path: data/code, weight: 3}, {path: data/web, weight: 1, name: web}] (sparsemixer_ds.mixture).
+    sources: List[SourceConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -238,11 +252,25 @@ def _apply(obj: Any, values: dict, prefix: str, source: str) -> None:
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current):
             _apply(current, value, f"{key}.", source)
+        elif by_name[name].type == List[SourceConfig]:
+            setattr(obj, name, _sources(value, key, source))
         elif isinstance(current, dict) and isinstance(value, dict):
             # A free-form mapping (model.hf): merged, so that --set model.hf.hidden_size=64 changes one field.
             setattr(obj, name, _merged(current, _coerce(value, by_name[name].type, key, source)))
         else:
             setattr(obj, name, _coerce(value, by_name[name].type, key, source))
+
+
+def _sources(value: Any, key: str, source: str) -> List[SourceConfig]:
+    """data.sources from YAML: a list of mappings, each checked key by key like a section."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{source}: '{key}' must be a list of sources, e.g. [{{path: data/code, weight: 3}}, "
+                          f"{{path: data/web, weight: 1}}]; got {value!r}")
+    items = []
+    for i, item in enumerate(value):
+        items.append(SourceConfig())
+        _apply(items[-1], item, f"{key}[{i}].", source)
+    return items
 
 
 def _merged(base: dict, update: dict) -> dict:
@@ -308,6 +336,7 @@ def validate(cfg: RunConfig) -> None:
         _require(value >= 1, f"{key} must be >= 1; got {value}")
     _require(cfg.run_dir.strip() != "", f"run_dir must name a directory; got {cfg.run_dir!r}, which would write the "
              "run into the current directory; set run_dir, e.g. runs/my_run")
+    _validate_data(cfg.data)
     _require(m.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 takes it from the data); got {m.vocab_size}")
     _require(moe.router in ROUTERS, f"moe.router must be one of {', '.join(ROUTERS)}; got {moe.router!r}")
     if m.family == "native":  # family hf: the HF config holds the architecture, checked in sparsemixer_ds.hf
@@ -357,6 +386,39 @@ def validate(cfg: RunConfig) -> None:
     _require(t.stop_grace_s >= 1, "train.stop_grace_s must be >= 1 second (default 25, under the scheduler's grace "
              f"period); got {t.stop_grace_s}")
     _require(cfg.checkpoint.interval >= 0, f"checkpoint.interval must be >= 0; got {cfg.checkpoint.interval}")
+
+
+_SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def source_name(source: SourceConfig) -> str:
+    """What metrics call a source: its ``name``, else its directory's name."""
+    return source.name or Path(source.path.rstrip("/")).name or source.path
+
+
+def _validate_data(data: DataConfig) -> None:
+    if not data.sources:
+        _require(data.path.strip() != "", "data.path must name a directory written by `sparsemixer-ds prepare`; "
+                 f"got {data.path!r}")
+        return
+    _require(data.path == DEFAULT_DATA_PATH,
+             f"data.path={data.path!r} and data.sources are both set, and data.sources replaces data.path: give "
+             "one of them (a mixture of one is data.path; add it to data.sources to mix it with the others)")
+    seen: Dict[str, int] = {}
+    for i, source in enumerate(data.sources):
+        label = f"data.sources[{i}]"
+        _require(source.path.strip() != "", f"{label}: path must name a directory written by `sparsemixer-ds "
+                 f"prepare`; got {source.path!r}")
+        name = source_name(source)
+        _require(_SOURCE_NAME.fullmatch(name) is not None,
+                 f"{label}: the name {name!r} (metrics and monitors use it) may hold only letters, digits and _.-; "
+                 "give the source a name, e.g. name: web")
+        _require(math.isfinite(source.weight) and source.weight > 0,
+                 f"{label} ({name}): weight must be a positive number, its share of the training sequences relative "
+                 f"to the other sources' weights; got {source.weight}")
+        _require(name not in seen, f"data.sources[{seen.get(name)}] and {label} are both named {name!r}; give each "
+                 "source a name of its own (name: ...)")
+        seen[name] = i
 
 
 def total_steps(cfg: RunConfig, world_size: int) -> int:

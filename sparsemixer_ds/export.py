@@ -20,6 +20,7 @@ from .checksums import ALGORITHM, tensor_digest
 from .comm import single_process_group
 from .config import ConfigError, RunConfig, config_dict, config_from_dict
 from .data import tokenizer_record
+from .mixture import tokenizer_dir
 from .families import get_family
 from .rundir import RunDir
 
@@ -89,7 +90,7 @@ def export(run_dir: Path, out_path: Path, tag: Optional[str] = None) -> Path:
     metadata = {
         "format": EXPORT_FORMAT,
         "config": json.dumps(config_dict(cfg)),
-        "tokenizer": json.dumps(tokenizer_record(Path(cfg.data.path))),
+        "tokenizer": json.dumps(tokenizer_record(tokenizer_dir(cfg))),
         ALGORITHM: json.dumps({name: tensor_digest(tensor) for name, tensor in sorted(tensors.items())}),
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)

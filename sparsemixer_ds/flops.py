@@ -84,7 +84,7 @@ def native_cost(cfg: RunConfig) -> ModelCost:
     M, V, L, F, Fe, E = m.d_model, m.vocab_size, m.n_layers, m.ffn_hidden, moe.expert_hidden, moe.num_experts
     if V < 1:
         raise ConfigError(f"model.vocab_size={V}: the cost of a model needs its vocabulary; set model.vocab_size or "
-                          "give a data.path whose meta.json holds it")
+                          "give a data.path (or data.sources) whose meta.json holds it")
     moe_layers = sum((i + 1) % moe.moe_every == 0 for i in range(L))
     dense_layers = L - moe_layers
     attention = 4 * M * M  # qkv [3M, M] and proj [M, M]

@@ -49,6 +49,7 @@ from torch import nn
 
 from .config import ConfigError, RunConfig
 from .data import EOS_TOKEN, BpeTokenizer, ByteTokenizer, read_meta
+from .mixture import tokenizer_dir
 from .rundir import RunDir
 
 __all__ = ["export_hf", "hf_state_dict", "routing_notes", "write_tokenizer", "byte_level_tokenizer", "InitSource",
@@ -93,7 +94,7 @@ def export_hf(run_dir: Path, out_dir: Path, tag: Optional[str] = None) -> List[s
     from . import hf
 
     out_dir = _checked_out_dir(out_dir)
-    eos_id = _tokenizer_eos(Path(_hf_run_config(run_dir).data.path))  # the data's tokenizer is there to write
+    eos_id = _tokenizer_eos(tokenizer_dir(_hf_run_config(run_dir)))  # the data's tokenizer is there to write
     model, cfg = load_checkpoint_model(run_dir, tag)  # ep_size 1: every expert on this process
     config = hf.hf_config(cfg)
     config.eos_token_id = config.bos_token_id = eos_id  # the data's document separator (defaults point at bytes)
@@ -106,7 +107,7 @@ def export_hf(run_dir: Path, out_dir: Path, tag: Optional[str] = None) -> List[s
     if tmp.exists():
         shutil.rmtree(tmp)  # an export interrupted earlier
     plain.save_pretrained(str(tmp), safe_serialization=True)
-    write_tokenizer(Path(cfg.data.path), tmp, config.max_position_embeddings)
+    write_tokenizer(tokenizer_dir(cfg), tmp, config.max_position_embeddings)
     if out_dir.exists():
         out_dir.rmdir()  # empty, checked above
     tmp.rename(out_dir)  # never a half-written export under the final name

@@ -5,7 +5,11 @@ Records, by the keys they carry:
     {"step", "tokens", "loss", "balance_loss", "z_loss", "lr", "skipped_steps", "tokens_per_s", "model_tflops",
      "mfu", "rss_mb", "peak_mem_mb", "layers": [{"load", "max_mean_load", "dropped", "entropy"} per MoE layer]}
                                                         every logging.interval steps
-    {"step", "val_loss", "val_ppl"}                     every eval.interval steps and at the end
+                                                        (with data.sources also "tokens_by_source": {name:
+                                                        tokens} and "epochs_by_source": {name: epochs})
+    {"step", "val_loss", "val_ppl"}                     every eval.interval steps and at the end (with
+                                                        data.sources also "val_loss_by_source": {name: loss})
+    {"step", "source", "epoch"}                         a source of data.sources ran out and wrapped around
     {"step", "resumed": true, "val_loss", "val_ppl"}    the loaded model, first thing after a resume
     {"step", "skipped_steps", "stopped": "non-finite"}  a run stopped by train.max_skipped_steps
     {"step", "stopped": "SIGTERM"}                      a run stopped on request (the signal or the reason)
@@ -20,7 +24,7 @@ import resource
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import psutil
 import torch
@@ -90,9 +94,10 @@ class Metrics:
             self.monitor.write_events(events)
 
     def training(self, step: int, tokens: int, losses: torch.Tensor, lr: float, skipped: int, tokens_per_s: float,
-                 routing: List[torch.Tensor]) -> dict:
+                 routing: List[torch.Tensor], sources: Optional[Dict[str, dict]] = None) -> dict:
         """Log one training record. ``losses``: [ce, balance, z] means over the ranks; ``routing``: each MoE
-        layer's RoutingStats sums, all-reduced. Returns the record."""
+        layer's RoutingStats sums, all-reduced; ``sources``: tokens and epochs seen per source of a
+        mixture (Mixture.seen). Returns the record."""
         layers = [RoutingStats.summarize(sums) for sums in routing]
         ce, balance, z_loss = (float(v) for v in losses)
         achieved, mfu = self.utilisation.of(tokens_per_s)
@@ -104,6 +109,11 @@ class Metrics:
                   ("Train/lr", lr, step), ("Train/tokens_per_s", tokens_per_s, step),
                   ("Train/model_tflops", achieved / 1e12, step), ("Train/mfu", mfu, step),
                   ("Train/skipped_steps", skipped, step)]
+        if sources is not None:
+            record["tokens_by_source"] = {name: seen["tokens"] for name, seen in sources.items()}
+            record["epochs_by_source"] = {name: seen["epochs"] for name, seen in sources.items()}
+            for name, seen in sources.items():
+                events += [(f"Data/{name}/tokens", seen["tokens"], step), (f"Data/{name}/epochs", seen["epochs"], step)]
         for i, layer in enumerate(layers):
             events += [(f"MoE/layer{i}/max_mean_load", layer["max_mean_load"], step),
                        (f"MoE/layer{i}/dropped", layer["dropped"], step),
@@ -113,8 +123,9 @@ class Metrics:
         return record
 
     def evaluation(self, step: int, result: dict) -> None:
-        self.write({"step": step, **result}, [("Eval/loss", result["val_loss"], step),
-                                              ("Eval/ppl", result["val_ppl"], step)])
+        events = [("Eval/loss", result["val_loss"], step), ("Eval/ppl", result["val_ppl"], step)]
+        events += [(f"Eval/loss/{name}", loss, step) for name, loss in result.get("val_loss_by_source", {}).items()]
+        self.write({"step": step, **result}, events)
 
 
 class Throughput:

@@ -31,6 +31,7 @@ from typing import List, NamedTuple, Tuple
 from .config import ConfigError, RunConfig, load_ds_config
 from .families import MemoryEstimate, get_family
 from .flops import ModelCost, training_dtype
+from .mixture import tokenizer_dir
 
 __all__ = ["MemoryPlan", "plan_vocab_size", "activations", "all_to_all_bytes", "make_plan", "format_plan", "check_fits", "GiB"]
 
@@ -70,7 +71,7 @@ def plan_vocab_size(cfg: RunConfig) -> str:
     when none of them gives it."""
     if cfg.model.vocab_size:
         return f"model.vocab_size={cfg.model.vocab_size}"
-    meta = Path(cfg.data.path) / "meta.json"
+    meta = tokenizer_dir(cfg) / "meta.json"
     if meta.is_file():
         cfg.model.vocab_size = int(json.loads(meta.read_text())["vocab_size"])
         return f"{meta}: vocab_size {cfg.model.vocab_size}"

@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import deepspeed
 import numpy as np
@@ -25,12 +25,13 @@ from tqdm import tqdm
 
 from .comm import discover_mpi, init_distributed
 from .config import ConfigError, RunConfig, RunError, load_ds_config, total_steps
-from .data import Batches, eval_batches, model_vocab_size, open_split
+from .data import open_split
 from .families import get_family
 from .flops import peak_flops
 from .hf_checkpoint import InitSource, check_init_from, load_init_weights
 from .machine import check_memory, check_precision
 from .metrics import Metrics, Throughput, Utilisation, all_mean
+from .mixture import Mixture, check_sources, data_sources, validation_sets
 from .optim import apply_schedule, make_adamw, make_schedule
 from .routing import check_impl
 from .rundir import RunDir, TagState, tag_name
@@ -47,31 +48,58 @@ def step_seed(seed: int, step: int, stream: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, stream, rank]).generate_state(1)[0])
 
 
-def loaders(cfg: RunConfig, rank: int, world: int) -> Tuple[Batches, List[Tuple[torch.Tensor, torch.Tensor]]]:
-    """This rank's training batches and validation batches; building them checks that both splits hold
-    enough windows of model.seq_len tokens."""
-    t, data_dir, seq_len = cfg.train, Path(cfg.data.path), cfg.model.seq_len
-    batches = Batches(open_split(data_dir, "train"), seq_len, t.micro_batch, rank, world, t.grad_accum, t.seed)
-    val = eval_batches(open_split(data_dir, "val"), seq_len, cfg.eval.batch_size, rank, world, cfg.eval.batches)
+Batch = Tuple[torch.Tensor, torch.Tensor]
+
+
+class ValidationSets(NamedTuple):
+    """Each source's validation batches (by name) and its weight in the overall validation loss."""
+    batches: Dict[str, List[Batch]]
+    weights: Dict[str, float]  # normalised
+    by_source: bool  # report each source's loss too (data.sources)
+
+
+def loaders(cfg: RunConfig, rank: int, world: int) -> Tuple[Mixture, ValidationSets]:
+    """This rank's training batches and validation batches; building them checks that both splits of
+    every source hold enough windows of model.seq_len tokens."""
+    t, seq_len, sources = cfg.train, cfg.model.seq_len, data_sources(cfg)
+    try:
+        train_files = [open_split(source.path, "train") for source in sources]
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"{sources[0].label if len(sources) == 1 else 'data.sources'}: {err}") from None
+    batches = Mixture(train_files, [source.weight for source in sources], seq_len, t.micro_batch, rank, world,
+                      t.grad_accum, t.seed, [source.name for source in sources])
+    total = sum(source.weight for source in sources)
+    val = ValidationSets(validation_sets(sources, seq_len, cfg.eval.batch_size, rank, world, cfg.eval.batches),
+                         {source.name: source.weight / total for source in sources}, bool(cfg.data.sources))
     return batches, val
 
 
-def evaluate(model, batches, seed: int, step: int, rank: int, device: torch.device) -> dict:
+def evaluate(model, val: Union[ValidationSets, List[Batch]], seed: int, step: int, rank: int,
+             device: torch.device) -> dict:
     """Validation loss (nats per token) and perplexity of ``model`` (an engine or a bare model) over
-    the validation batches of every rank of the process group, or of this process when there is none."""
+    the validation batches of every rank of the process group, or of this process when there is none.
+    ``val``: batches, or each source's (``loaders``); the overall loss of several sources is their
+    losses' mean weighted as the training mixture is, and each source's is reported too."""
+    if not isinstance(val, ValidationSets):
+        val = ValidationSets({"data": val}, {"data": 1.0}, False)
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    totals = torch.zeros(len(val.batches), 2, dtype=torch.float64, device=device)
     torch.manual_seed(step_seed(seed, step, EVAL_STREAM, rank))  # capacity-overflow choices may be random
     with torch.no_grad():
-        for x, y in batches:
-            logits = model(x.to(device)).logits
-            totals[0] += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum")
-            totals[1] += y.numel()
+        for s, batches in enumerate(val.batches.values()):
+            for x, y in batches:
+                logits = model(x.to(device)).logits
+                totals[s, 0] += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum")
+                totals[s, 1] += y.numel()
     if dist.is_initialized():
         dist.all_reduce(totals)
     model.train()
-    loss = float(totals[0] / totals[1])
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+    losses = {name: float(totals[s, 0] / totals[s, 1]) for s, name in enumerate(val.batches)}
+    loss = sum(val.weights[name] * value for name, value in losses.items())
+    result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+    if val.by_source:
+        result["val_loss_by_source"] = losses
+    return result
 
 
 class Plan(NamedTuple):
@@ -100,10 +128,7 @@ def preflight(cfg: RunConfig, world: int, resume: Union[bool, str], init_from: O
         check_impl(cfg.moe.routing_impl, torch.device(get_accelerator().device_name()))
     except ValueError as err:
         raise ConfigError(f"moe.{err}") from None
-    try:
-        cfg.model.vocab_size = model_vocab_size(Path(cfg.data.path), cfg.model.vocab_size)
-    except FileNotFoundError as err:
-        raise ConfigError(f"data.path: {err}") from None
+    cfg.model.vocab_size = check_sources(cfg)
     source = check_init_from(cfg, init_from, resume) if init_from is not None else None
     if source is not None and (not dist.is_initialized() or dist.get_rank() == 0):
         for line in source.notes:
@@ -229,7 +254,8 @@ class Trainer:
         routing = [all_mean(stats.take(self.device)) for stats in self.routing]
         tokens_per_s = self.throughput.read()
         record = self.metrics.training(done, done * self.tokens_per_step, mean, self.engine.get_lr()[0],
-                                       self.skipped, tokens_per_s, routing)
+                                       self.skipped, tokens_per_s, routing,
+                                       self.batches.seen(done) if self.cfg.data.sources else None)
         self.last.update(record)
         self.progress.set_postfix(loss=f"{float(mean[0]):.3f}", tok_s=f"{tokens_per_s:,.0f}")
 
@@ -274,6 +300,18 @@ class Trainer:
     def end_step(self, done: int) -> None:
         self.progress.update(1)
         self.last["step"] = done
+        if self.cfg.data.sources:
+            self.note_epochs(done)
+
+    def note_epochs(self, done: int) -> None:
+        """Say (and record) each source that ran out of windows in this step and wrapped around."""
+        before = self.batches.seen(done - 1)
+        for name, now in self.batches.seen(done).items():
+            if int(now["epochs"]) > int(before[name]["epochs"]):
+                self.metrics.write({"step": done, "source": name, "epoch": int(now["epochs"]) + 1})
+                if self.rank == 0:
+                    self.progress.write(f"step {done}: data source {name!r} ran out and wrapped around: epoch "
+                                        f"{int(now['epochs']) + 1} of it begins")
 
     def finish(self) -> dict:
         self.progress.close()
@@ -333,6 +371,13 @@ def summary(cfg: RunConfig, last: dict) -> str:
     if "val_loss" in last:
         lines.append(f"final validation loss {last['val_loss']:.4f}, perplexity {last['val_ppl']:.2f} "
                      f"(step {last['step']}, {last.get('tokens_per_s', 0):,.0f} tokens/s)")
+    if "tokens_by_source" in last:
+        lines.append("tokens per source: " + ", ".join(
+            f"{name} {tokens:,} ({last['epochs_by_source'][name]:.3g} epochs)"
+            for name, tokens in last["tokens_by_source"].items()))
+    if "val_loss_by_source" in last:
+        lines.append("validation loss per source: " + ", ".join(
+            f"{name} {loss:.4f}" for name, loss in last["val_loss_by_source"].items()))
     if "mfu" in last:
         lines.append(f"model FLOPs utilisation {last['mfu']:.1%} ({last['model_tflops']:.3g} TFLOP/s per rank; "
                      f"against the peak recorded with the start in {run.starts})")
