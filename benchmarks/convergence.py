@@ -25,7 +25,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from sparsemixer_ds.config import load_config, total_steps  # noqa: E402
-from sparsemixer_ds.data import Batches, eval_batches, model_vocab_size, open_split  # noqa: E402
+from sparsemixer_ds.data import eval_batches, model_vocab_size, open_split  # noqa: E402
+from sparsemixer_ds.mixture import Mixture  # noqa: E402
 from sparsemixer_ds.families import get_family  # noqa: E402
 from sparsemixer_ds.optim import build_optimizer  # noqa: E402
 from sparsemixer_ds.routers import ROUTERS  # noqa: E402
@@ -54,7 +55,7 @@ def train_arm(cfg, arm: str, seed: int, val_batches: int, device: torch.device, 
     cfg.model.vocab_size = model_vocab_size(data_dir, cfg.model.vocab_size)
     t = cfg.train
     steps = total_steps(cfg, 1)
-    batches = Batches(open_split(data_dir, "train"), cfg.model.seq_len, t.micro_batch, 0, 1, t.grad_accum, seed)
+    batches = Mixture([open_split(data_dir, "train")], [1.0], cfg.model.seq_len, t.micro_batch, 0, 1, t.grad_accum, seed)
     # The same validation windows for every arm and seed.
     val = eval_batches(open_split(data_dir, "val"), cfg.model.seq_len, cfg.eval.batch_size, 0, 1, val_batches)
     torch.manual_seed(seed)

@@ -2,14 +2,13 @@
 
 ``prepare`` (prepare.py, re-exported here with the corpus readers) streams documents through a tokenizer
 into ``train.bin`` / ``val.bin`` (raw little-endian token ids, each document followed by the eos id) plus
-``meta.json``. ``Batches`` cuts a token file into
-fixed windows and serves them in an order that is a pure function of (seed, step, micro, rank), so a
-resumed run sees exactly the batches it would have seen and ranks never read the same window in a step.
+``meta.json``. A token file is read in fixed windows of T + 1 tokens: the training loader (mixture.py)
+serves them in an order that is a pure function of (seed, step, micro, rank); ``eval_batches`` takes
+the validation split's first ones.
 
 Shape legend: B micro-batch (sequences), T sequence length (tokens), W windows.
 """
 import json
-from collections import OrderedDict
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
@@ -22,7 +21,7 @@ from .prepare import prepare
 from .tokenizer import EOS_TOKEN, TOKENIZERS, BpeTokenizer, ByteTokenizer
 
 __all__ = ["ByteTokenizer", "BpeTokenizer", "load_tokenizer", "tokenizer_record", "default_corpus", "resolve_inputs",
-           "iter_documents", "prepare", "read_meta", "model_vocab_size", "TokenFile", "open_split", "Batches",
+           "iter_documents", "prepare", "read_meta", "model_vocab_size", "TokenFile", "open_split",
            "eval_batches", "EOS_TOKEN", "TEXT_SUFFIXES", "ENCODING_ERRORS"]
 
 DTYPES = ("uint16", "uint32")
@@ -151,54 +150,6 @@ def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-
-
-class Batches:
-    """The training loader: micro-batches as a pure function of (seed, step, micro, rank).
-
-    Draw number g = ((step * accum_steps + micro) * dp_world + dp_rank) * micro_batch + i walks a fresh
-    permutation of the N windows each epoch, so the ranks of one optimizer step read disjoint windows and
-    a resumed run needs nothing but the step number.
-    """
-    _CACHED_EPOCHS = 4
-
-    def __init__(self, tokens: TokenFile, seq_len: int, micro_batch: int, dp_rank: int, dp_world: int,
-                 accum_steps: int = 1, seed: int = 0):
-        _check_positive(micro_batch=micro_batch, dp_world=dp_world, accum_steps=accum_steps)
-        if isinstance(dp_rank, bool) or not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_world:
-            raise ValueError(f"dp_rank must be an integer in 0..{dp_world - 1} (dp_world={dp_world}); got {dp_rank!r}")
-        self.num_windows = _num_windows(tokens, seq_len)
-        if self.num_windows < dp_world * micro_batch:
-            raise ValueError(f"{len(tokens)} tokens in {str(tokens.path)!r} give {self.num_windows} windows of "
-                             f"seq_len={seq_len}, fewer than dp_world * micro_batch = {dp_world * micro_batch}; "
-                             "use shorter sequences, a smaller batch or more data")
-        self.tokens, self.seq_len, self.micro_batch = tokens, seq_len, micro_batch
-        self.dp_rank, self.dp_world, self.accum_steps, self.seed = dp_rank, dp_world, accum_steps, seed
-        self._perms: "OrderedDict[int, np.ndarray]" = OrderedDict()
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-            if len(self._perms) > self._CACHED_EPOCHS:
-                self._perms.popitem(last=False)
-        self._perms.move_to_end(epoch)
-        return self._perms[epoch]
-
-    def windows(self, step: int, micro: int) -> np.ndarray:
-        """Window indices of this rank's micro-batch ``micro`` of optimizer step ``step``: int64 [B]."""
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"step must be an integer >= 0; got {step!r}")
-        if not 0 <= micro < self.accum_steps:
-            raise ValueError(f"micro must be in 0..{self.accum_steps - 1} (accum_steps={self.accum_steps}); "
-                             f"got {micro!r}")
-        first = ((int(step) * self.accum_steps + micro) * self.dp_world + self.dp_rank) * self.micro_batch
-        draws = np.arange(first, first + self.micro_batch, dtype=np.int64)
-        epochs, slots = draws // self.num_windows, draws % self.num_windows
-        return np.array([self._perm(int(e))[s] for e, s in zip(epochs, slots)], dtype=np.int64)
-
-    def get(self, step: int, micro: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets (inputs shifted by one token): int64 [B, T] each."""
-        return _windows_to_batch(self.tokens, self.windows(step, micro), self.seq_len)
 
 
 def eval_batches(tokens: TokenFile, seq_len: int, batch: int, dp_rank: int, dp_world: int,

@@ -1,16 +1,17 @@
-"""Weighted mixtures of prepared data directories: which source each training sequence comes from.
+"""The training loader: which source and which window each training sequence comes from.
 
 A run reads ``data.path`` (one source) or ``data.sources`` (several, with weights, sharing one
-tokenizer). Training draws are numbered as in ``data.Batches``: draw g = ((step * accum_steps + micro)
-* dp_world + dp_rank) * micro_batch + i. A fixed schedule of ``BLOCK`` draws, repeated, says which
+tokenizer). Training draws are numbered: draw g = ((step * accum_steps + micro) * dp_world + dp_rank)
+* micro_batch + i. A fixed schedule of ``BLOCK`` draws, repeated, says which
 source each draw takes: source s gets n_s = BLOCK * w_s / sum(w) of them (rounded, at least one),
 spread evenly through the block (its j-th draw at position (j + 1/2) / n_s of the block, ties to the
 earlier source). So every prefix of the draws holds each source's share to within one sequence, and
 the number of draws source s has had before draw g has a closed form: that is the position in its own
-stream of windows, which walks a fresh permutation each epoch (as ``Batches`` does) and wraps around
-when the source runs out. Everything is a pure function of (seed, step, micro, rank): a resumed run
-reads exactly the batches the uninterrupted one would have, and tokens seen per source follow from
-the step alone. A one-source mixture reads the same windows as ``Batches``.
+stream of windows, which walks a fresh permutation each epoch and wraps around when the source runs
+out; so the ranks of one step read distinct windows (within an epoch). Everything is a pure function
+of (seed, step, micro, rank): a resumed run reads exactly the batches the uninterrupted one would have,
+and tokens seen per source follow from the step alone. With one source, draw g is window
+permutation(seed, g // N)[g % N] of its N.
 
 Shape legend: B micro-batch (sequences), T sequence length, M draws per schedule block, N sources.
 """
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 
 from .config import ConfigError, RunConfig, source_name
-from .data import TokenFile, _windows_to_batch, eval_batches, model_vocab_size, open_split, read_meta
+from .data import (TokenFile, _check_positive, _num_windows, _windows_to_batch, eval_batches, model_vocab_size,
+                   open_split, read_meta)
 
 __all__ = ["Source", "data_sources", "tokenizer_dir", "check_sources", "Mixture", "validation_sets"]
 
@@ -119,19 +121,14 @@ class Mixture:
 
     def __init__(self, tokens: List[TokenFile], weights: List[float], seq_len: int, micro_batch: int, dp_rank: int,
                  dp_world: int, accum_steps: int = 1, seed: int = 0, names: List[str] = None):
-        for name, value in (("micro_batch", micro_batch), ("dp_world", dp_world), ("accum_steps", accum_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+        _check_positive(micro_batch=micro_batch, dp_world=dp_world, accum_steps=accum_steps)
         if isinstance(dp_rank, bool) or not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_world:
             raise ValueError(f"dp_rank must be an integer in 0..{dp_world - 1} (dp_world={dp_world}); got {dp_rank!r}")
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-            raise ValueError(f"seq_len must be an integer >= 1; got {seq_len!r}")
         if not tokens or len(weights) != len(tokens) or not all(w > 0 for w in weights):
             raise ValueError(f"a mixture needs one positive weight per source; got {len(tokens)} sources, "
                              f"weights {weights}")
         self.names = list(names) if names is not None else [str(t.path.parent.name) for t in tokens]
-        # Each window needs one token beyond its end for the last target.
-        self.num_windows = np.array([max(len(t) - 1, 0) // seq_len for t in tokens], dtype=np.int64)
+        self.num_windows = np.array([_num_windows(t, seq_len) for t in tokens], dtype=np.int64)
         for t, name, windows in zip(tokens, self.names, self.num_windows):
             if windows < dp_world * micro_batch:
                 raise ValueError(f"{len(t)} tokens in {str(t.path)!r} ({name}) give {windows} windows of "
@@ -148,7 +145,7 @@ class Mixture:
         self._perms: List["OrderedDict[int, np.ndarray]"] = [OrderedDict() for _ in tokens]
 
     def _perm(self, source: int, epoch: int) -> np.ndarray:
-        """Source ``source``'s order of windows in ``epoch``; the first source's is what Batches uses."""
+        """Source ``source``'s order of windows in ``epoch`` (the first source's, that of a run of one source)."""
         perms = self._perms[source]
         if epoch not in perms:
             key = [self.seed, epoch] + ([source] if source else [])

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from sparsemixer_ds.data import (Batches, BpeTokenizer, ByteTokenizer, TokenFile, default_corpus, eval_batches,
+from sparsemixer_ds.data import (BpeTokenizer, ByteTokenizer, TokenFile, default_corpus, eval_batches,
                                  iter_documents, load_tokenizer, open_split, prepare, resolve_inputs)
+from sparsemixer_ds.mixture import Mixture
 
 DOCS = {
     "a.txt": "hello world\n",
@@ -217,6 +218,22 @@ def token_file(tmp_path, n: int, dtype: str = "uint16") -> TokenFile:
     path = tmp_path / f"tokens_{n}.bin"
     (np.arange(n) % 60000).astype(np.dtype(dtype).newbyteorder("<")).tofile(path)
     return TokenFile(path, dtype)
+
+
+class Batches:
+    """The training loader over one token file, as a run of one source (data.path) uses it."""
+
+    def __init__(self, tokens, seq_len, micro_batch, dp_rank, dp_world, accum_steps=1, seed=0):
+        self.loader = Mixture([tokens], [1.0], seq_len, micro_batch, dp_rank, dp_world, accum_steps, seed)
+        self.num_windows = int(self.loader.num_windows[0])
+
+    def windows(self, step, micro):
+        sources, windows = self.loader.windows(step, micro)
+        assert (sources == 0).all()
+        return windows
+
+    def get(self, step, micro):
+        return self.loader.get(step, micro)
 
 
 def test_batches_shapes_and_shift(tmp_path):

@@ -9,7 +9,7 @@ from conftest import REPO, TINY, assert_resumed_as_uninterrupted, free_port, lau
 from test_errors import cli, error_line
 
 from sparsemixer_ds.config import ConfigError, load_config
-from sparsemixer_ds.data import Batches, default_corpus, open_split, prepare
+from sparsemixer_ds.data import default_corpus, open_split, prepare
 from sparsemixer_ds.mixture import BLOCK, Mixture, _schedule, check_sources
 
 CPU_JSON = REPO / "ds_configs" / "cpu.json"
@@ -61,19 +61,18 @@ def mixture(files, weights, rank=0, world=2, micro=4, accum=2, seed=3, seq_len=3
                    [f.name for f in files])
 
 
-def test_one_source_reads_what_batches_reads(corpus):
-    tokens = open_split(corpus, "train")
+def test_one_source_reads_its_windows_in_a_fresh_permutation_per_epoch(corpus):
+    """data.path's loader: draw g is window permutation(seed, g // N)[g % N], as runs before mixtures read."""
+    N = (len(open_split(corpus, "train")) - 1) // 32
     for rank in range(2):
-        old = Batches(tokens, 32, 4, rank, 2, 2, seed=3)
-        new = mixture([corpus], [1.0], rank=rank)
-        epoch_steps = old.num_windows // 16 + 2  # past the first wrap-around
+        m = mixture([corpus], [1.0], rank=rank)
+        epoch_steps = N // 16 + 2  # past the first wrap-around
         for step in list(range(epoch_steps)) + [10 * epoch_steps + 1]:
             for micro in range(2):
-                sources, windows = new.windows(step, micro)
-                assert (sources == 0).all() and (windows == old.windows(step, micro)).all()
-        x_old, y_old = old.get(5, 1)
-        x_new, y_new = new.get(5, 1)
-        assert (x_old == x_new).all() and (y_old == y_new).all()
+                sources, windows = m.windows(step, micro)
+                first = ((step * 2 + micro) * 2 + rank) * 4
+                expect = [np.random.default_rng([3, g // N]).permutation(N)[g % N] for g in range(first, first + 4)]
+                assert (sources == 0).all() and windows.tolist() == expect
 
 
 def test_draws_split_by_weight_walk_each_source_and_count(corpus, second, small):
