@@ -66,6 +66,7 @@ bench: setup $(DATA)/meta.json
 	$(BIN)/python benchmarks/gate.py --sizes
 	$(BIN)/python benchmarks/train_options.py
 	$(BIN)/python benchmarks/plan_check.py --data $(DATA)
+	$(BIN)/python benchmarks/prepare.py
 	$(BIN)/python benchmarks/moe_layer.py
 	$(BIN)/deepspeed --num_gpus 2 benchmarks/moe_layer.py
 	$(BIN)/python benchmarks/e2e.py --data $(DATA)
