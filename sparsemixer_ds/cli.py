@@ -165,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out malformed records (bad JSON, no string text field, a null Parquet text, the rest "
                         "of a damaged .gz/.zst), counted, instead of refusing the corpus")
     p.add_argument("--workers", type=int, default=None,
-                   help="processes that read and tokenize (default: the cores available); the output is the same "
-                        "for any number")
+                   help="processes that read and tokenize (default: the cores available; 1 for the bytes tokenizer, "
+                        "which two do not speed up); the output is the same for any number")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_prepare)
 

@@ -231,7 +231,8 @@ def prepare(inputs: Optional[Sequence[str]], out_dir: Path, tokenizer: str = "by
     (``not_text_documents``). skip_malformed: leave out malformed records (bad JSON, no string text
     field, a null Parquet row, a damaged compressed stream's rest), counted (``malformed_records``),
     instead of refusing the corpus. workers: processes that read and tokenize (default: the cores
-    available; 1 runs in this process); the output is the same for any number.
+    available, except 1 for the bytes tokenizer, whose work per byte costs less than handing it to
+    another process: benchmarks/prepare.py; 1 runs in this process); the output is the same for any number.
     ``out_dir`` must not hold prepared data already; nothing is written until the corpus has been read
     once and found good. Returns the meta dict.
     """
@@ -239,7 +240,8 @@ def prepare(inputs: Optional[Sequence[str]], out_dir: Path, tokenizer: str = "by
         raise ValueError(f"val_fraction must be a number in [0, 1) (0.01 is usual); got {val_fraction!r}")
     if tokenizer not in TOKENIZERS and not Path(tokenizer).is_file():
         raise FileNotFoundError(f"tokenizer {tokenizer!r} is neither 'bytes', 'bpe' nor an existing tokenizer.json")
-    workers = default_workers() if workers is None else workers
+    if workers is None:
+        workers = 1 if tokenizer == "bytes" else default_workers()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1 (processes that tokenize); got {workers!r}")
     if encoding_errors is None:

@@ -186,6 +186,10 @@ def test_check_refuses_a_mixture_before_any_rank_starts(tmp_path, corpus):
     proc = cli("check", "--world-size", "2", *[a for s in settings for a in ("--set", s)], cwd=tmp_path)
     error_line(proc, "check", "data.sources[1] (web): ", "has no meta.json")
     assert not (tmp_path / "run").exists(), "nothing written"
+    settings[-1] = sources_arg((corpus, 1, "code"), (corpus, 3, "again"))
+    proc = cli("check", "--world-size", "2", *[a for s in settings for a in ("--set", s)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"data: code 25.0% ({corpus}), again 75.0% ({corpus})" in proc.stdout
 
 
 # ---- launched runs ----
