@@ -25,7 +25,7 @@ ARGS ?=
 # What the launch tests run for real: sshd + pdsh (hostfile launch), a one-node SLURM cluster with munge.
 SYSTEM_PACKAGES := openssh-server openssh-client pdsh slurmctld slurmd slurm-client munge
 
-.PHONY: setup system-deps test test-fast bench study study-long pretrain clean
+.PHONY: setup system-deps test test-fast bench study study-long study-grin pretrain clean
 
 setup: $(STAMP)
 
@@ -47,7 +47,7 @@ system-deps:
 	fi
 
 test: setup system-deps
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 # For iterating: the tests that start no process (the estimator, gates, model, configs, data, pre-flight).
 FAST_TESTS := tests/test_routing.py tests/test_gate.py tests/test_model.py tests/test_config.py tests/test_data.py \
@@ -92,6 +92,17 @@ study-long: setup $(DATA)/meta.json
 	$(BIN)/python benchmarks/convergence.py $(LONG) --arms switch sparsemixer-v2 & \
 	  $(BIN)/python benchmarks/convergence.py $(LONG) --arms sparsemixer midpoint-all; wait
 	$(BIN)/python benchmarks/convergence.py $(LONG) --arms switch sparsemixer sparsemixer-v2 midpoint-all --report-only
+
+# GRIN's recipe separated (benchmarks/grin_study.py): router x balance at top-1 and top-2 (8 arms), the 16-expert
+# regime (3,000 steps), 5 seeds per arm, each run on 2 data-parallel ranks so that global balance is real; then
+# more seeds (up to 10) for the arms whose interval stays undecided. Resumable, and runs in parts:
+# make study-grin GRIN_ARMS="switch+local sparsemixer+global" GRIN_SEEDS="0 1".
+GRIN_ARMS ?= switch+local switch+global sparsemixer+local sparsemixer+global gshard+local gshard+global \
+  sparsemixer-v2+local sparsemixer-v2+global
+GRIN_SEEDS ?= 0 1 2 3 4
+study-grin: setup $(DATA)/meta.json
+	$(BIN)/python benchmarks/grin_study.py --set data.path=$(DATA) --arms $(GRIN_ARMS) --seeds $(GRIN_SEEDS) \
+	  --extend-to 10
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
