@@ -69,8 +69,11 @@ def run_arm(arm: str, seed: int, out: Path, config: Path, overrides: list, log) 
                 f"train.seed={seed}"] + overrides
     cmd = ["bash", str(REPO / "launch" / "local.sh"), "--nproc", "2", "--config", str(config), "--"]
     cmd += [a for s in settings for a in ("--set", s)]
-    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
         cmd.append("--resume")
+    elif run_dir.exists():
+        shutil.rmtree(run_dir)  # an attempt stopped before its first checkpoint: start it again
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("OMP_NUM_THREADS", "1")  # one core per rank
