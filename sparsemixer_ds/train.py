@@ -246,6 +246,8 @@ class Trainer:
         self.streak = 0 if self.engine.was_step_applied() else self.streak + 1
         self.skipped += self.streak > 0
         self.throughput.step()
+        if self.cfg.data.sources:
+            self.note_epochs(step + 1)  # before a stop or checkpoint of this step can end the process
         return losses / t.grad_accum
 
     def log(self, done: int, losses: torch.Tensor) -> None:
@@ -300,8 +302,6 @@ class Trainer:
     def end_step(self, done: int) -> None:
         self.progress.update(1)
         self.last["step"] = done
-        if self.cfg.data.sources:
-            self.note_epochs(done)
 
     def note_epochs(self, done: int) -> None:
         """Say (and record) each source that ran out of windows in this step and wrapped around."""
