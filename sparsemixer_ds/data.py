@@ -134,9 +134,13 @@ def open_split(data_dir: Path, split: str) -> TokenFile:
 
 def _windows_to_batch(tokens: TokenFile, windows: np.ndarray, seq_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-token targets of the given windows: int64 [W, T] each."""
-    rows_WT1 = np.stack([tokens.data[w * seq_len: (w + 1) * seq_len + 1] for w in windows]).astype(np.int64)
-    rows = torch.from_numpy(rows_WT1)
-    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+    return _shifted([tokens.data[w * seq_len: (w + 1) * seq_len + 1] for w in windows])
+
+
+def _shifted(rows: List[np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Windows of T + 1 tokens -> inputs and next-token targets, int64 [W, T] each."""
+    rows_WT1 = torch.from_numpy(np.stack(rows).astype(np.int64))
+    return rows_WT1[:, :-1].contiguous(), rows_WT1[:, 1:].contiguous()
 
 
 def _num_windows(tokens: TokenFile, seq_len: int) -> int:

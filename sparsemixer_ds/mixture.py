@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from .config import ConfigError, RunConfig, source_name
-from .data import (TokenFile, _check_positive, _num_windows, _windows_to_batch, eval_batches, model_vocab_size,
-                   open_split, read_meta)
+from .data import (TokenFile, _check_positive, _num_windows, _shifted, eval_batches, model_vocab_size, open_split,
+                   read_meta)
 
 __all__ = ["Source", "data_sources", "tokenizer_dir", "check_sources", "Mixture", "validation_sets"]
 
@@ -179,16 +179,8 @@ class Mixture:
     def get(self, step: int, micro: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets (inputs shifted by one token): int64 [B, T] each."""
         sources, windows = self.windows(step, micro)
-        rows = [_windows_to_batch(self.tokens[s], windows[sources == s], self.seq_len)
-                for s in range(len(self.tokens)) if (sources == s).any()]
-        if len(rows) == 1:
-            return rows[0]
-        # Back in draw order: the rows were gathered source by source.
-        order = np.argsort(np.concatenate([np.flatnonzero(sources == s) for s in range(len(self.tokens))]),
-                           kind="stable")
-        x = torch.cat([r[0] for r in rows])[torch.from_numpy(order)]
-        y = torch.cat([r[1] for r in rows])[torch.from_numpy(order)]
-        return x, y
+        T = self.seq_len
+        return _shifted([self.tokens[s].data[w * T: (w + 1) * T + 1] for s, w in zip(sources, windows)])
 
     def drawn(self, draws: int) -> np.ndarray:
         """How many of the first ``draws`` draws (all ranks) each source had: int64 [N]."""
