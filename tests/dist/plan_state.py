@@ -3,13 +3,13 @@ parameters, of their gradients after a backward (ZeRO 0), of the optimizer's fp3
 and of AdamW's moments after a step. Writes rank{R}.json to --out."""
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import deepspeed
 import torch
 from deepspeed import comm as dist
 
+from sparsemixer_ds.comm import exit_rank
 from sparsemixer_ds.config import load_config
 from sparsemixer_ds.families import get_family
 from sparsemixer_ds.optim import make_adamw
@@ -50,4 +50,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
+    exit_rank(0)  # not the interpreter's finalization, which gloo can abort (see exit_rank)
