@@ -119,11 +119,17 @@ def verdict(now: float, timeout_s: float, seen: Dict[int, Seen], store_ok_at: Op
     ``store_ok_at``: when the store last answered (only ranks other than 0 pass it); ``store``: its address.
     ``hangs``: apply rule 2 (``seen`` holds every rank: rank 0's view).
     """
-    if store_ok_at is not None and now - store_ok_at > timeout_s:
-        heartbeat = seen[0].heartbeat if 0 in seen else None
-        last = "" if heartbeat is None else f"; last heartbeat at step {heartbeat['step']}, in '{heartbeat['phase']}'"
-        return (f"{_who(0, heartbeat)} has not answered for {now - store_ok_at:.0f} s (stopped or dead: its store "
-                f"at {store} does not answer{last})")
+    if store_ok_at is not None:
+        # Rank 0 is silent since its heartbeat or the store last answered, whichever was earlier (a read
+        # of the heartbeat is a store answer, so in practice the heartbeat). The store is blamed when it
+        # is the reason: its calls take milliseconds each beat, so two beats and a second without an
+        # answer mean a call is stuck.
+        heartbeat, alive_at = seen.get(0, Seen(None, store_ok_at))
+        silent = now - min(alive_at, store_ok_at)
+        if silent > timeout_s and now - store_ok_at > 2 * beat_s(timeout_s) + 1.0:
+            last = "" if heartbeat is None else f"; last heartbeat at step {heartbeat['step']}, in '{heartbeat['phase']}'"
+            return (f"{_who(0, heartbeat)} has not answered for {silent:.0f} s (stopped or dead: its store "
+                    f"at {store} does not answer{last})")
     for rank, (heartbeat, alive_at) in sorted(seen.items()):
         if now - alive_at > timeout_s:
             return (f"{_who(rank, heartbeat)} has not answered for {now - alive_at:.0f} s (stopped or dead: "

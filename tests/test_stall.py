@@ -43,6 +43,17 @@ def test_rank_0s_silent_store_means_rank_0_stopped():
     assert message.startswith("rank 0 (host node-a, pid 100) has not answered for 31 s (stopped or dead: its store "
                               "at node-a:29500 does not answer; last heartbeat at step 12, in 'train step')")
     assert verdict(131.0, 30, seen, store_ok_at=120.0, store="node-a:29500") is None
+    # The usual order: the last heartbeat read that moved came a little before the last store answer
+    # (the following reads saw the same beat). Its silence reaches the timeout first; the store is
+    # still the reason, since it has not answered since.
+    seen = {0: Seen(beat(0), alive_at=100.0)}
+    message = verdict(130.5, 30, seen, store_ok_at=100.4, store="node-a:29500")
+    assert message.startswith("rank 0 (host node-a, pid 100) has not answered for 30 s (stopped or dead: its store "
+                              "at node-a:29500 does not answer; last heartbeat at step 12"), message
+    # The store answers (rank 0's process runs) but rank 0's beats do not move: its heartbeat is the reason.
+    message = verdict(130.5, 30, seen, store_ok_at=130.0, store="node-a:29500")
+    assert message == ("rank 0 (host node-a, pid 100) has not answered for 30 s (stopped or dead: no heartbeat "
+                       "since step 12, in 'train step')")
 
 
 def test_a_slow_phase_with_a_live_heartbeat_is_not_a_stall():
