@@ -19,7 +19,9 @@ in parts (--arms, --seeds) and with more seeds (--extend-to). The report (report
   interval from a bootstrap over seeds;
 - per k: the 2 x 2 effects, each paired by seed with a 95% t-interval: router (SparseMixer - baseline router,
   averaged over the two balances), balance (global - local, averaged over the two routers) and interaction
-  ((SM - base) under global minus under local);
+  ((SM - base) under global minus under local), over the seeds all four arms share; and the simple effects
+  (balance with each router, router with each balance), each over the seeds its two arms share, so that seeds
+  an extension gave some arms count;
 - study.png: validation loss, max/mean expert load and router entropy over training, per arm.
 
     python benchmarks/grin_study.py --seeds 0 1 2 3 4                 # all 8 arms
@@ -148,6 +150,23 @@ def reach_interval(arm_runs: list, base_runs: list, rng: random.Random):
     return point, (None if lo == float("inf") else lo), (None if hi == float("inf") else hi), share
 
 
+def paired(runs: list, arm: str, other: str) -> dict:
+    """``arm`` minus ``other``, final loss paired by seed over the seeds both have: mean, 95% half-width, seeds."""
+    a, b = finals(runs, arm), finals(runs, other)
+    diffs = [a[s] - b[s] for s in sorted(a) if s in b]
+    return dict(zip(("mean", "ci95"), t_interval(diffs)), seeds=len(diffs))
+
+
+def simple_effects(runs: list, k: int) -> dict:
+    """Each factor at ``k`` with the other held, paired over the seeds its two arms share: this uses the seeds
+    an extension gave two arms, which the 2 x 2's effects (the seeds all four arms share) cannot."""
+    base, sm = ROUTERS[k]
+    table = {f"balance with {router}": paired(runs, f"{router}+global", f"{router}+local") for router in (base, sm)}
+    table.update({f"router with {balance} balance": paired(runs, f"{sm}+{balance}", f"{base}+{balance}")
+                  for balance in ("local", "global")})
+    return table
+
+
 def effects(runs: list, k: int) -> dict:
     """The 2 x 2 at ``k``, paired by seed: router, balance and interaction, each (mean, 95% half-width, seeds)."""
     base, sm = ROUTERS[k]
@@ -179,15 +198,14 @@ def summarize(runs: list, seed_for_bootstrap: int = 0) -> dict:
                "entropy": statistics.fmean(r["load"][-1]["entropy"] for r in arm_runs)}
         base_runs = [r for r in runs if r["arm"] == BASELINE[k]]
         if arm != BASELINE[k] and base_runs:
-            base = finals(runs, BASELINE[k])
-            diffs = [v - base[s] for s, v in finals(runs, arm).items() if s in base]
-            row["delta"], row["delta_ci95"] = t_interval(diffs)
-            row["paired_seeds"] = len(diffs)
+            delta = paired(runs, arm, BASELINE[k])
+            row["delta"], row["delta_ci95"], row["paired_seeds"] = delta["mean"], delta["ci95"], delta["seeds"]
             row["reach_step"], row["reach_lo"], row["reach_hi"], row["reach_share"] = reach_interval(
                 arm_runs, base_runs, rng)
         arms[arm] = row
-    return {"arms": arms, "effects": {k: effects(runs, k) for k in (1, 2)
-                                      if all(f"{r}+{b}" in arms for r in ROUTERS[k] for b in ("local", "global"))}}
+    complete = [k for k in (1, 2) if all(f"{r}+{b}" in arms for r in ROUTERS[k] for b in ("local", "global"))]
+    return {"arms": arms, "effects": {k: effects(runs, k) for k in complete},
+            "simple": {k: simple_effects(runs, k) for k in complete}}
 
 
 def undecided(summary: dict) -> list:
@@ -225,6 +243,10 @@ def report(summary: dict, runs: list) -> str:
         lines += ["", f"2 x 2 at top-{k} ({' vs '.join(ROUTERS[k])}, local vs global), paired by seed:", "",
                   "| effect | mean ± 95% | seeds |", "|---|---|---:|"]
         lines += [f"| {name} | {_pm(e['mean'], e['ci95'])} | {e['seeds']} |" for name, e in table.items()]
+        lines += ["", f"Simple effects at top-{k} (one factor, the other held), each paired over the seeds its two "
+                  "arms share:", "", "| effect | mean ± 95% | seeds |", "|---|---|---:|"]
+        lines += [f"| {name} | {_pm(e['mean'], e['ci95'])} | {e['seeds']} |"
+                  for name, e in summary["simple"][k].items()]
     return "\n".join(lines) + "\n"
 
 

@@ -63,6 +63,27 @@ def test_effects_and_paired_deltas_are_the_2x2_by_hand():
     assert summary["arms"]["switch+local"]["final_std"] == pytest.approx(statistics.stdev(finals))
 
 
+def test_simple_effects_pair_the_seeds_their_two_arms_share():
+    shift = {"switch+global": 0.01, "sparsemixer+local": -0.02, "sparsemixer+global": -0.05}
+    runs = study(shift)
+    # An extension gave the two SparseMixer arms seeds 5 and 6: global - local is -0.03 + jitter there too.
+    extra = {5: (3.10, 3.07 + 0.006), 6: (2.95, 2.92 - 0.006)}
+    for seed, (local, global_) in extra.items():
+        runs += [run("sparsemixer+local", seed, local), run("sparsemixer+global", seed, global_)]
+    summary = grin_study.summarize(runs)
+    simple = summary["simple"][1]
+    diffs = [-0.03 + j for j in (0.0, 0.004, -0.004, 0.002, -0.002, 0.006, -0.006)]
+    sparse = simple["balance with sparsemixer"]
+    assert sparse["seeds"] == 7 and sparse["mean"] == pytest.approx(statistics.fmean(diffs), abs=1e-12)
+    assert sparse["ci95"] == pytest.approx(2.447 * statistics.stdev(diffs) / 7 ** 0.5, rel=1e-9)  # t, 6 dof
+    assert simple["balance with switch"] == pytest.approx({"mean": 0.01, "ci95": 0.0, "seeds": 5}, abs=1e-12)
+    assert simple["router with local balance"]["mean"] == pytest.approx(-0.02, abs=1e-12)
+    assert simple["router with global balance"]["mean"] == pytest.approx(-0.05 - 0.01, abs=1e-12)
+    assert simple["router with global balance"]["seeds"] == 5
+    assert summary["effects"][1]["balance"]["seeds"] == 5, "the 2 x 2 keeps to the seeds all four arms share"
+    assert "| balance with sparsemixer | -0.0300 ± " in grin_study.report(summary, runs)
+
+
 def test_reach_step_and_its_bootstrap_interval():
     # The baseline ends at 3.0 + noise (mean 3.002); an arm 0.1 lower everywhere reaches that a third of the way
     # between its evaluations at 300 and 400: its curve falls 0.1 per 100 steps.
