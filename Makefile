@@ -95,14 +95,15 @@ study-long: setup $(DATA)/meta.json
 
 # GRIN's recipe separated (benchmarks/grin_study.py): router x balance at top-1 and top-2 (8 arms), the 16-expert
 # regime (3,000 steps), 5 seeds per arm, each run on 2 data-parallel ranks so that global balance is real; then
-# more seeds (up to 10) for the arms whose interval stays undecided. Resumable, and runs in parts:
-# make study-grin GRIN_ARMS="switch+local sparsemixer+global" GRIN_SEEDS="0 1".
+# more seeds (up to GRIN_EXTEND_TO) for the arms whose interval stays undecided. Resumable, and runs in parts:
+# make study-grin GRIN_ARMS="switch+local sparsemixer+global" GRIN_SEEDS="0 1"; GRIN_EXTEND_TO=16 goes on past 10.
 GRIN_ARMS ?= switch+local switch+global sparsemixer+local sparsemixer+global gshard+local gshard+global \
   sparsemixer-v2+local sparsemixer-v2+global
 GRIN_SEEDS ?= 0 1 2 3 4
+GRIN_EXTEND_TO ?= 10
 study-grin: setup $(DATA)/meta.json
 	$(BIN)/python benchmarks/grin_study.py --set data.path=$(DATA) --arms $(GRIN_ARMS) --seeds $(GRIN_SEEDS) \
-	  --extend-to 10
+	  --extend-to $(GRIN_EXTEND_TO)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
