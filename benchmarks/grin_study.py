@@ -239,14 +239,13 @@ def report(summary: dict, runs: list) -> str:
         lines.append(f"| {arm} | {len(row['seeds'])} | {row['final_mean']:.4f} ± {row['final_std']:.4f} | "
                      f"{_pm(row.get('delta'), row.get('delta_ci95'))} | {reach} | {row['max_mean_load']:.3f} | "
                      f"{row['entropy']:.3f} |")
-    for k, table in summary["effects"].items():
-        lines += ["", f"2 x 2 at top-{k} ({' vs '.join(ROUTERS[k])}, local vs global), paired by seed:", "",
-                  "| effect | mean ± 95% | seeds |", "|---|---|---:|"]
-        lines += [f"| {name} | {_pm(e['mean'], e['ci95'])} | {e['seeds']} |" for name, e in table.items()]
-        lines += ["", f"Simple effects at top-{k} (one factor, the other held), each paired over the seeds its two "
-                  "arms share:", "", "| effect | mean ± 95% | seeds |", "|---|---|---:|"]
-        lines += [f"| {name} | {_pm(e['mean'], e['ci95'])} | {e['seeds']} |"
-                  for name, e in summary["simple"][k].items()]
+    for k in summary["effects"]:
+        for title, table in ((f"2 x 2 at top-{k} ({' vs '.join(ROUTERS[k])}, local vs global), paired by seed:",
+                              summary["effects"][k]),
+                             (f"Simple effects at top-{k} (one factor, the other held), each paired over the seeds "
+                              "its two arms share:", summary["simple"][k])):
+            lines += ["", title, "", "| effect | mean ± 95% | seeds |", "|---|---|---:|"]
+            lines += [f"| {name} | {_pm(e['mean'], e['ci95'])} | {e['seeds']} |" for name, e in table.items()]
     return "\n".join(lines) + "\n"
 
 
