@@ -128,11 +128,12 @@ def _masked_softmax(scores_SE: torch.Tensor, jitter_eps: float, sampling: bool =
     """One round's jitter-masked softmax, with what sampling needs from it.
 
     Returns probs_SE, the running sum cdf_SE of the unnormalized probabilities (None unless
-    ``sampling``), the softmax's denominator total_S1 and the row maxima max_S1.
+    ``sampling``), the softmax's denominator total_S1 and argmax_S1, the first of each row's tied maxima
+    (torch.max's documented tie rule, and the references' argmax).
     """
-    # .max(...).values, not amax: the same values and, compiled, the same kernel (the unused indices are
-    # dropped), but inside a model that torch.compile traces whole, amax made the router's gradient wrong.
-    max_S1 = scores_SE.max(dim=1, keepdim=True).values
+    # .max(dim), not amax: inside a model that torch.compile traces whole, amax made the router's gradient
+    # wrong. Where the indices go unused (the backward), the compiled kernel drops them.
+    max_S1, argmax_S1 = scores_SE.max(dim=1, keepdim=True)
     # (m - z) / max(|z|, m) > 2 eps, written without the division: the denominator is zero only
     # where m = z = 0, which must not be masked; excluded -inf entries compare inf > inf (false)
     # and stay excluded through exp(-inf) = 0.
@@ -144,7 +145,7 @@ def _masked_softmax(scores_SE: torch.Tensor, jitter_eps: float, sampling: bool =
         total_S1 = cdf_SE[:, -1:]
     else:
         total_S1 = unnormalized_SE.sum(dim=1, keepdim=True)
-    return unnormalized_SE.div_(total_S1), cdf_SE, total_S1, max_S1
+    return unnormalized_SE.div_(total_S1), cdf_SE, total_S1, argmax_S1
 
 
 def _rounds_forward(scores_SE: torch.Tensor, coins_KS2: Optional[torch.Tensor], top_k: int, jitter_eps: float,
@@ -154,18 +155,19 @@ def _rounds_forward(scores_SE: torch.Tensor, coins_KS2: Optional[torch.Tensor], 
     for k in range(top_k):
         if experts:  # experts picked in earlier rounds leave the race
             scores_SE = scores_SE.scatter(1, experts[-1].unsqueeze(1), float("-inf"))
-        probs_SE, cdf_SE, total_S1, max_S1 = _masked_softmax(scores_SE, jitter_eps, sampling=training)
+        probs_SE, cdf_SE, total_S1, argmax_S1 = _masked_softmax(scores_SE, jitter_eps, sampling=training)
+        argmax_S = argmax_S1.squeeze(1)
         if training:
             # Inverse-CDF sampling: one uniform per token instead of one noise draw per expert.
             # u lies in (0, total], so the first expert whose running sum reaches it has p > 0.
             coins_S2 = coins_KS2[k]
             chosen_S = (cdf_SE < (1.0 - coins_S2[:, :1]) * total_S1).sum(dim=1)
-            # The draw is the argmax when its logit is the row's maximum (any of tied maxima).
-            is_argmax_S = scores_SE.gather(1, chosen_S.unsqueeze(1)).squeeze(1) == max_S1.squeeze(1)
-            keep_full_S = (coins_S2[:, 1] < q) | (is_argmax_S & exempt_argmax)
+            # Only the argmax, the first of tied maxima, is exempt from the coin, as in SparseMixer v1, v2 and
+            # HF PhiMoE: another expert tied at the maximum takes the coin like any non-argmax draw.
+            keep_full_S = (coins_S2[:, 1] < q) | ((chosen_S == argmax_S) & exempt_argmax)
             scale_S = torch.where(keep_full_S, 1.0, c_low)
         else:
-            chosen_S = scores_SE.argmax(dim=1)  # the first of tied maxima
+            chosen_S = argmax_S
             scale_S = torch.ones_like(total_S1[:, 0])
         p_chosen_S = probs_SE.gather(1, chosen_S.unsqueeze(1)).squeeze(1)
         experts.append(chosen_S)

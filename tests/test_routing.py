@@ -254,3 +254,51 @@ def test_unknown_or_uncompilable_impl_is_refused_naming_the_fix(monkeypatch):
     monkeypatch.setattr(routing, "compiler_available", lambda device: False)
     with pytest.raises(ValueError, match=r"'fused' needs a C\+\+ compiler .* use 'auto'"):
         sparsemixer(torch.randn(4, 4), impl="fused")
+
+
+
+def tied_rows(kind, tokens, experts):
+    generator = torch.Generator().manual_seed(11)
+    if kind == "all-zero":
+        return torch.zeros(tokens, experts)
+    if kind == "tied-max":  # two or three experts share the maximum, in varying places
+        logits = torch.randn(tokens, experts, generator=generator) * 0.05
+        top = torch.randint(0, experts, (tokens, 3), generator=generator)
+        return logits.scatter(1, top, 1.0)
+    # Router logits as a bf16 matmul leaves them: maxima tie in about one row in a hundred (E = 64).
+    return (torch.randn(tokens, experts, generator=generator) * 4).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind, num_experts", [("all-zero", 4), ("tied-max", 8), ("bf16", 64)])
+@pytest.mark.parametrize("estimator", ["midpoint", "heun3"])
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_only_the_first_of_tied_maxima_is_exempt_from_the_coin(kind, num_experts, estimator, top_k, impl):
+    """On tied logits a draw keeps full scale by the coin alone unless it is the first of the tied maxima
+    (the references' argmax: SparseMixer v1, v2 and HF PhiMoE take torch.max's index): every weight
+    against a float64 reference, with the coins the estimator drew replayed from the seed."""
+    c_low, q, _, _ = SPEC[estimator]
+    tokens = 30000
+    logits = tied_rows(kind, tokens, num_experts)
+    torch.manual_seed(12)
+    experts, weights = sparsemixer(logits, top_k=top_k, estimator=estimator, impl=impl)
+    torch.manual_seed(12)
+    coins = torch.rand(top_k, tokens, 2).double().numpy()  # what the estimator draws first, in its order
+    z = logits.double().numpy()
+    rows = np.arange(tokens)
+    tied_not_first = 0
+    for j in range(top_k):
+        if j:  # the earlier rounds' experts leave the race
+            z = z.copy()
+            z[rows, experts[:, j - 1].numpy()] = -np.inf
+        m = z.max(axis=1, keepdims=True)
+        gap, scale = m - z, np.maximum(np.abs(z), m)
+        unmasked = np.exp(z - m) * ~(gap > 0.2 * scale)  # jitter_eps 0.1; gap = scale = 0 stays
+        p = unmasked / unmasked.sum(axis=1, keepdims=True)
+        d = experts[:, j].numpy()
+        first = np.argmax(z, axis=1)  # numpy's argmax: the first of tied maxima
+        c = np.where((d == first) | (coins[j, :, 1] < q), 1.0, c_low)
+        np.testing.assert_allclose(weights[:, j].double().numpy(), c * p[rows, d], rtol=1e-5, atol=0)
+        tied_not_first += int(((d != first) & (z[rows, d] == m[:, 0]) & (coins[j, :, 1] >= q)).sum())
+    # The rows must test the rule: draws of a maximum other than the first that lost the coin.
+    assert tied_not_first > 40, tied_not_first
