@@ -29,7 +29,7 @@ from sparsemixer_ds.data import eval_batches, model_vocab_size, open_split  # no
 from sparsemixer_ds.mixture import Mixture  # noqa: E402
 from sparsemixer_ds.families import get_family  # noqa: E402
 from sparsemixer_ds.optim import build_optimizer  # noqa: E402
-from sparsemixer_ds.routers import ROUTERS  # noqa: E402
+from sparsemixer_ds.routing.registry import ROUTERS  # noqa: E402
 from sparsemixer_ds.testing import TINY  # noqa: E402
 from sparsemixer_ds.train import evaluate, step_seed  # noqa: E402
 

@@ -25,7 +25,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from sparsemixer_ds.routers import main_routers  # noqa: E402
+from sparsemixer_ds.routing.registry import main_routers  # noqa: E402
 from sparsemixer_ds.testing import TINY, free_port, run_metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from sparsemixer_ds import sparsemixer
-from sparsemixer_ds.routing import ESTIMATORS
+from sparsemixer_ds.routing.registry import ESTIMATORS
 
 # Arm -> (estimator rule name, routes by argmax). "switch" is Switch/GShard's gating-only gradient:
 # D = argmax, weight p_D, the plain derivative of p_D.

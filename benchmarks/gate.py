@@ -1,6 +1,6 @@
 """Gate overhead: SparseMixerGate vs DeepSpeed's TopKGate, forward + backward on identical inputs.
 
-SparseMixerGate runs twice, with the estimator eager and fused (sparsemixer_ds.routing: compiled by
+SparseMixerGate runs twice, with the estimator eager and fused (sparsemixer_ds.routing.estimator: compiled by
 inductor). Also times the floor: the router's linear and one softmax, forward and backward. Runs
 are interleaved (A B A B ...) and each cell is a median. Prints a table; writes JSON.
 
@@ -90,7 +90,7 @@ SIZES = [(256, 8), (512, 8), (1024, 8), (4096, 8), (8192, 8), (16384, 8), (65536
 
 
 def bench_sizes(sizes: list, repeats: int, device: torch.device) -> list:
-    """The routing function alone (sparsemixer_ds.routing.sparsemixer), forward + backward, eager vs fused."""
+    """The routing function alone (sparsemixer_ds.routing.estimator.sparsemixer), forward + backward, eager vs fused."""
     rows = []
     for tokens, experts in sizes:
         for k in (1, 2):

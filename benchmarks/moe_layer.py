@@ -23,7 +23,7 @@ from deepspeed.moe.layer import MoE  # noqa: E402
 from sparsemixer_ds import convert  # noqa: E402
 from sparsemixer_ds.comm import exit_rank, init_distributed  # noqa: E402
 from sparsemixer_ds.model import feed_forward  # noqa: E402
-from sparsemixer_ds.routers import ROUTERS  # noqa: E402
+from sparsemixer_ds.routing.registry import ROUTERS  # noqa: E402
 from sparsemixer_ds.testing import time_interleaved  # noqa: E402
 
 # DeepSpeed's baseline and the SparseMixer router it is compared with, at the baseline's k.

@@ -29,7 +29,7 @@ Where the estimator needs more than AutoEP's layer has:
 - the weights must multiply expert outputs (AutoEP's ``score_apply`` "post") and stay as the estimator
   made them (no renormalisation, no scale, no expert bias, no group-limited routing): a DeepSpeed
   JSON that asks otherwise is refused before anything is built.
-- the auxiliary losses (sparsemixer_ds.balance) come from the routes SparseMixer sampled; the model's
+- the auxiliary losses (sparsemixer_ds.routing.balance) come from the routes SparseMixer sampled; the model's
   own softmax top-k aux loss (``output_router_logits``) is refused rather than left to stand in.
 - HF PhiMoE's ``input_jitter_noise`` multiplies the MoE block's input (router and experts, in place);
   AutoEP's layer has no such step. The router here jitters its own input only (the experts see the
@@ -37,49 +37,20 @@ Where the estimator needs more than AutoEP's layer has:
 """
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
 
-from .balance import BALANCE_MODES, balance_loss, z_loss
-from .moe import MoETerms, RoutingStats
-from .routing import ESTIMATORS, ROUTING_IMPLS, route, use_fused
+from .routing.core import MoETerms, RoutingStats, sparsemixer_routes
+from .routing.registry import RouterOptionError, RouterOptions
 
-__all__ = ["SparseMixerOptions", "SparseMixerRouter", "OutputScale", "use_sparsemixer", "install_routers",
-           "autoep_specs", "aux_loss", "routers", "AutoEPError"]
+__all__ = ["SparseMixerRouter", "OutputScale", "use_sparsemixer", "install_routers", "autoep_specs", "aux_loss",
+           "routers", "AutoEPError"]
 
 
 class AutoEPError(ValueError):
     """A model or DeepSpeed JSON that SparseMixer cannot route under AutoEP as asked."""
-
-
-@dataclass(frozen=True)
-class SparseMixerOptions:
-    """The router options, checked once in ``use_sparsemixer``."""
-    estimator: str = "heun3"  # a sparsemixer_ds.routing.ESTIMATORS key: heun3 (GRIN, PhiMoE), midpoint, ...
-    jitter_eps: float = 0.1  # SparseMixer's jitter mask; HF PhiMoE calls it router_jitter_noise
-    input_jitter: float = 0.0  # multiplicative U(1 - x, 1 + x) noise on the router's input in training
-    balance_coef: float = 0.01  # weight of Switch's balance loss in aux_loss (0: none)
-    balance: str = "local"  # local | global (sparsemixer_ds.balance)
-    z_loss_coef: float = 0.0  # weight of ST-MoE's router z-loss in aux_loss
-    routing_impl: str = "auto"  # auto | eager | fused: how the estimator runs (sparsemixer_ds.routing.use_fused)
-
-    def check(self) -> None:
-        if self.estimator not in ESTIMATORS:
-            raise AutoEPError(f"estimator must be one of {', '.join(ESTIMATORS)}; got {self.estimator!r}")
-        for name, usual in (("jitter_eps", "the paper uses 0.1, PhiMoE 0.01"), ("input_jitter", "0: none"),
-                            ("balance_coef", "Switch trains with 0.01"), ("z_loss_coef", "ST-MoE uses 1e-3")):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-                raise AutoEPError(f"{name} must be a finite number >= 0 ({usual}); got {value!r}")
-        if self.input_jitter >= 1:
-            raise AutoEPError(f"input_jitter must be below 1 (it scales inputs by U(1 - x, 1 + x)); "
-                              f"got {self.input_jitter!r}")
-        if self.balance not in BALANCE_MODES:
-            raise AutoEPError(f"balance must be one of {', '.join(BALANCE_MODES)}; got {self.balance!r}")
-        if self.routing_impl not in ROUTING_IMPLS:
-            raise AutoEPError(f"routing_impl must be one of {', '.join(ROUTING_IMPLS)}; got {self.routing_impl!r}")
 
 
 class SparseMixerRouter(nn.Module):
@@ -92,13 +63,12 @@ class SparseMixerRouter(nn.Module):
     """
     score_func = "softmax"  # what AutoEP's layer reads when it returns router logits
 
-    def __init__(self, gate: nn.Linear, top_k: int, options: SparseMixerOptions) -> None:
+    def __init__(self, gate: nn.Linear, top_k: int, options: RouterOptions) -> None:
         super().__init__()
         self.gate = gate  # AutoEP's own Linear (E x M): the same module, parameter and hooks
         self.num_experts = gate.out_features
         self.top_k = top_k
         self.options = options
-        self.rule = ESTIMATORS[options.estimator]
         self.stats = RoutingStats(self.num_experts)
         self.l_aux: Optional[torch.Tensor] = None
         self.terms: Optional[MoETerms] = None
@@ -117,17 +87,11 @@ class SparseMixerRouter(nn.Module):
         if self.training and o.input_jitter > 0:
             x_TM = x_TM * torch.empty_like(x_TM).uniform_(1.0 - o.input_jitter, 1.0 + o.input_jitter)
         logits_TE = self.gate(x_TM).float()
-        experts_TK, weights_TK = route(logits_TE, self.top_k, o.jitter_eps, self.training, self.rule,
-                                       use_fused(o.routing_impl, logits_TE))
-        counts_E = torch.zeros(self.num_experts, dtype=torch.int32, device=logits_TE.device)
-        counts_E.scatter_add_(0, experts_TK.reshape(-1), torch.ones_like(experts_TK.reshape(-1), dtype=torch.int32))
-        balance = balance_loss(logits_TE, counts_E, experts_TK.numel(), o.balance)
-        z = z_loss(logits_TE) if o.z_loss_coef > 0 else torch.zeros((), device=logits_TE.device)
-        self.l_aux = o.balance_coef * balance + o.z_loss_coef * z
-        self.terms = MoETerms(balance.detach(), z.detach())
+        routed = sparsemixer_routes(logits_TE, self.top_k, o, self.training)
+        self.l_aux, self.terms = routed.l_aux, routed.terms
         if self.stats.recording:
-            self.stats.add(logits_TE, counts_E, torch.zeros((), dtype=torch.float64))
-        return weights_TK, experts_TK, counts_E
+            self.stats.add(logits_TE, routed.counts_E, torch.zeros((), dtype=torch.float64))
+        return routed.weights_SK, routed.experts_SK, routed.counts_E.to(torch.int32)  # AutoEP counts in int32
 
 
 class OutputScale(nn.Module):
@@ -193,7 +157,7 @@ def autoep_specs(model: nn.Module, ds_config: dict, source: str):
     return specs
 
 
-# SparseMixerOptions fields that a Hugging Face config sets under its family's own name, by model_type. The
+# RouterOptions fields that a Hugging Face config sets under its family's own name, by model_type. The
 # same name means different things: PhiMoE's router_jitter_noise is SparseMixer's jitter mask (jitter_eps),
 # Mixtral's multiplies the MoE block's input (PhiMoE's input_jitter_noise). Mixtral's default 0 taken as
 # jitter_eps would mask every expert but the argmax: weights of 1 and no router gradient.
@@ -223,22 +187,29 @@ def use_sparsemixer(model: nn.Module, ds_config: dict, source: str = "the DeepSp
     """Make every MoE block that AutoEP will replace route with SparseMixer. Call it before
     ``deepspeed.initialize(model=model, config=ds_config, ...)``; returns the blocks' names.
 
-    ``options``: the fields of SparseMixerOptions. Those a model family's config already sets, under
+    ``options``: the fields of sparsemixer_ds.routing.registry.RouterOptions (default: GRIN's router, heun3,
+    with balance_coef 0.01). Those a model family's config already sets, under
     its own names (``_HF_OPTIONS``), default to the config's values; top_k is the model's own
     (``num_experts_per_tok``). Refuses, naming ``source``, a DS JSON or
     model that would change SparseMixer's gradient. Builds nothing the optimizer could miss: omega
     (midpoint) is added to the model here.
     """
-    unknown = set(options) - set(SparseMixerOptions.__dataclass_fields__)
+    unknown = set(options) - set(RouterOptions.__dataclass_fields__)
     if unknown:
         raise TypeError(f"use_sparsemixer() got unknown options {sorted(unknown)}; it takes "
-                        f"{', '.join(SparseMixerOptions.__dataclass_fields__)}")
+                        f"{', '.join(RouterOptions.__dataclass_fields__)}")
     hf_config = getattr(model, "config", None)
     for field, hf_name in _HF_OPTIONS.get(getattr(hf_config, "model_type", None), ()):
         if field not in options and getattr(hf_config, hf_name, None) is not None:
             options[field] = float(getattr(hf_config, hf_name))
-    opts = SparseMixerOptions(**options)
-    opts.check()
+    opts = RouterOptions(**options)
+    try:
+        opts.check()
+    except RouterOptionError as err:
+        raise AutoEPError(str(err)) from None
+    if opts.estimator is None:
+        raise AutoEPError("estimator=None is DeepSpeed's TopKGate, which AutoEP layers do not have; choose a "
+                          "SparseMixer estimator (heun3: GRIN, PhiMoE; midpoint: SparseMixer)")
     if getattr(hf_config, "output_router_logits", False):
         raise AutoEPError(f"{type(model).__name__}.config.output_router_logits is True: the model would add its "
                           "own balance loss, from a softmax top-k that SparseMixer does not take; set it to False "
@@ -247,7 +218,7 @@ def use_sparsemixer(model: nn.Module, ds_config: dict, source: str = "the DeepSp
         raise AutoEPError(f"use_sparsemixer() was already called on this {type(model).__name__}")
     specs = autoep_specs(model, ds_config, source)
     plans = [_Plan(spec.moe_module_name, spec.top_k, spec.hidden_size) for spec in specs]
-    if opts.estimator.startswith("midpoint"):
+    if opts.omega:
         for plan in plans:
             block = model.get_submodule(plan.name)
             weight = next(block.parameters())
@@ -278,7 +249,7 @@ def install_routers(model: nn.Module) -> int:
     if not plans:
         raise AutoEPError(f"{type(model).__name__} has no SparseMixer plan: call use_sparsemixer(model, ds_config) "
                           "before deepspeed.initialize")
-    opts: SparseMixerOptions = model._sparsemixer_options
+    opts: RouterOptions = model._sparsemixer_options
     installed = 0
     for plan in plans:
         layer = model.get_submodule(plan.name)
@@ -326,11 +297,4 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     if not found:
         raise AutoEPError("no SparseMixer router has run yet: call aux_loss(model) after the model's forward")
     return torch.stack(found).sum()
-
-
-def terms(model: nn.Module) -> Dict[str, float]:
-    """The unweighted balance and z-losses of the last forward, averaged over the routers (for logs)."""
-    found = [r.terms for r in routers(model) if r.terms is not None]
-    return {"balance": float(torch.stack([t.balance for t in found]).mean()),
-            "z_loss": float(torch.stack([t.z for t in found]).mean())}
 

@@ -18,9 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from .balance import BALANCE_MODES
-from .routers import ROUTERS
-from .routing import ROUTING_IMPLS
+from .routing.registry import ROUTERS, RouterOptionError, RouterOptions
 
 
 class ConfigError(ValueError):
@@ -50,7 +48,7 @@ class ModelConfig:
 
 @dataclass
 class MoEConfig:
-    router: str = "sparsemixer"  # sparsemixer | sparsemixer-v2 | switch | gshard (| ablations: sparsemixer_ds.routers)
+    router: str = "sparsemixer"  # sparsemixer | sparsemixer-v2 | switch | gshard | ablations (routing/registry.py)
     top_k: int = 1  # routes per token: 1 (sparsemixer, switch), 1 or 2 (sparsemixer-v2), 2 (gshard)
     num_experts: int = 8  # E per MoE layer
     moe_every: int = 2  # every moe_every-th block is MoE (Switch: every other one)
@@ -62,12 +60,18 @@ class MoEConfig:
     drop_tokens: bool = True  # False: dropless, capacity = the largest expert load
     jitter_eps: float = 0.1  # SparseMixer's jitter mask (switch uses DeepSpeed's fixed input jitter)
     balance_coef: float = 0.01  # weight of the Switch load-balance loss in the training loss (0: none)
-    balance: str = "local"  # local: per micro-batch; global: route fractions over all ranks (GRIN; sparsemixer_ds.balance)
+    balance: str = "local"  # local: per micro-batch; global: route fractions over all ranks (GRIN; routing/balance.py)
     z_loss_coef: float = 0.0  # weight of the ST-MoE router z-loss (SparseMixer routers only)
-    # How SparseMixer routers run the estimator (sparsemixer_ds.routing): eager (PyTorch ops, the
+    # How SparseMixer routers run the estimator (routing/estimator.py): eager (PyTorch ops, the
     # reference), fused (compiled into a few kernels; same draws, values and gradients) or auto (fused
     # where it is faster and a compiler is available, else eager).
     routing_impl: str = "auto"
+
+    def router_options(self) -> RouterOptions:
+        """The router options of this section (unchecked; ``validate`` checks them)."""
+        return RouterOptions(estimator=ROUTERS[self.router].estimator, jitter_eps=self.jitter_eps,
+                             balance_coef=self.balance_coef, balance=self.balance, z_loss_coef=self.z_loss_coef,
+                             routing_impl=self.routing_impl)
 
 
 @dataclass
@@ -358,17 +362,10 @@ def validate(cfg: RunConfig) -> None:
                        ("moe.eval_capacity_factor", moe.eval_capacity_factor)):
         _require(0.0 < value <= 64.0, f"{key} must be in (0, 64] (1.0 to 2.0 is usual); got {value}")
     _require(moe.min_capacity >= 0, f"moe.min_capacity must be >= 0; got {moe.min_capacity}")
-    _require(0.0 <= moe.jitter_eps < 1.0, f"moe.jitter_eps must be in [0, 1) (the paper uses 0.1); got {moe.jitter_eps}")
-    _require(moe.balance_coef >= 0.0, f"moe.balance_coef must be >= 0; got {moe.balance_coef}")
-    _require(moe.z_loss_coef >= 0.0, f"moe.z_loss_coef must be >= 0; got {moe.z_loss_coef}")
-    _require(moe.balance in BALANCE_MODES,
-             f"moe.balance must be one of {', '.join(BALANCE_MODES)} (global: GRIN's balance over all ranks); "
-             f"got {moe.balance!r}")
-    _require(moe.z_loss_coef == 0.0 or not ROUTERS[moe.router].baseline,
-             f"moe.z_loss_coef={moe.z_loss_coef} needs a SparseMixer router; DeepSpeed's TopKGate ({moe.router}) "
-             "has no z-loss")
-    _require(moe.routing_impl in ROUTING_IMPLS,
-             f"moe.routing_impl must be one of {', '.join(ROUTING_IMPLS)}; got {moe.routing_impl!r}")
+    try:
+        moe.router_options().check()
+    except RouterOptionError as err:
+        raise ConfigError(f"moe.{err}") from None
     _require(t.peak_tflops >= 0.0, f"train.peak_tflops must be >= 0 (0: measure it at start-up); got {t.peak_tflops}")
     _require(t.steps >= 1 or t.tokens > 0, f"train.steps must be >= 1 (or set train.tokens); got {t.steps}")
     _require(t.tokens >= 0, f"train.tokens must be >= 0; got {t.tokens}")

@@ -40,7 +40,7 @@ from torch import nn
 from .config import ConfigError, RunConfig
 from .flops import ModelCost, hf_cost, native_cost
 from .model import LMOutput, MoELM
-from .moe import RoutingStats
+from .routing.core import RoutingStats
 
 __all__ = ["ModelFamily", "LanguageModel", "MemoryEstimate", "training_state", "FAMILIES", "get_family"]
 

@@ -32,7 +32,7 @@ import torch
 
 from .config import ConfigError, RunConfig
 
-__all__ = ["ModelCost", "native_cost", "hf_cost", "model_cost", "Peak", "training_dtype", "measure_peak",
+__all__ = ["ModelCost", "native_cost", "hf_cost", "Peak", "training_dtype", "measure_peak",
            "peak_flops"]
 
 
@@ -77,9 +77,8 @@ class ModelCost(NamedTuple):
 def native_cost(cfg: RunConfig) -> ModelCost:
     """The cost of sparsemixer_ds.model.MoELM: pre-norm blocks (LayerNorm with bias), attention with
     one fused QKV Linear and an output Linear (biases), GELU FFNs (two Linears with biases), tied LM head,
-    SparseMixer's omega [M] per MoE layer for the midpoint estimator; E experts in every MoE layer, all
+    SparseMixer's omega [M] per MoE layer for the estimators that train one (midpoint, midpoint-all); E experts in every MoE layer, all
     of them counted (each rank builds num_experts / ep_size; the model has them all)."""
-    from .routers import get_router
     m, moe = cfg.model, cfg.moe
     M, V, L, F, Fe, E = m.d_model, m.vocab_size, m.n_layers, m.ffn_hidden, moe.expert_hidden, moe.num_experts
     if V < 1:
@@ -91,7 +90,7 @@ def native_cost(cfg: RunConfig) -> ModelCost:
     attention_other = 3 * M + M + 4 * M  # their biases, two LayerNorms (weight and bias)
     dense_ffn, dense_other = 2 * M * F, F + M
     one_expert, one_expert_other = 2 * M * Fe, Fe + M
-    omega = M if get_router(moe.router).estimator == "midpoint" else 0
+    omega = M if moe.router_options().omega else 0
     embedding = V * M + (m.seq_len * M if m.positions == "learned" else 0)
     expert = moe_layers * E * (one_expert + one_expert_other)
     router = moe_layers * M * E
@@ -111,9 +110,8 @@ def hf_cost(cfg: RunConfig, config) -> ModelCost:
     moe_intermediate_size for Qwen3-MoE), a router [E, M] without bias, LayerNorm (PhiMoE: weight and
     bias) or RMSNorm (weight), Qwen3's per-head q/k RMSNorm, its dense MLP layers (mlp_only_layers,
     decoder_sparse_step), an LM head tied or not (PhiMoE: lm_head_bias), and omega [M] per MoE layer
-    for the midpoint estimator."""
+    for the estimators that train one."""
     from . import hf
-    from .routers import get_router
     kind = config.model_type
     M, V, L = config.hidden_size, config.vocab_size, config.num_hidden_layers
     H, KV = config.num_attention_heads, config.num_key_value_heads
@@ -134,7 +132,7 @@ def hf_cost(cfg: RunConfig, config) -> ModelCost:
     if kind == "qwen3_moe":
         attention_other += 2 * head  # q_norm, k_norm
     one_expert = 3 * M * Fe
-    omega = M if get_router(cfg.moe.router).estimator == "midpoint" else 0
+    omega = M if cfg.moe.router_options().omega else 0
     tied = config.tie_word_embeddings
     lm_head_bias = V if kind == "phimoe" and getattr(config, "lm_head_bias", False) else 0
     embedding = V * M
@@ -146,12 +144,6 @@ def hf_cost(cfg: RunConfig, config) -> ModelCost:
     matmul_active = L * attention + dense_layers * 3 * M * F + moe_layers * k * one_expert + V * M
     return ModelCost(total, active, expert, matmul_active, router, embedding, L, moe_layers, E, k, M, H * head,
                      KV * head, H, Fe, F, True, V, cfg.model.seq_len)
-
-
-def model_cost(cfg: RunConfig) -> ModelCost:
-    """The cost of the run's model, whichever its family (``ModelFamily.cost``)."""
-    from .families import get_family
-    return get_family(cfg).cost(cfg)
 
 
 class Peak(NamedTuple):

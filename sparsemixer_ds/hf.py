@@ -17,6 +17,7 @@ targets)`` returns the trainer's ``LMOutput``. ``train.activation_checkpointing`
 gradient checkpointing of each decoder layer (the routers' ``l_aux``, computed inside a checkpointed
 layer, keeps its gradient: non-reentrant checkpointing records the autograd graph as usual).
 """
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -29,8 +30,8 @@ from torch import nn
 from . import autoep
 from .config import ConfigError, RunConfig
 from .model import LMOutput
-from .moe import RoutingStats
-from .routers import ROUTERS
+from .routing.core import RoutingStats, sum_terms
+from .routing.registry import ROUTERS
 
 __all__ = ["MODEL_TYPES", "TRANSFORMERS_RANGE", "TRANSFORMERS_BROKEN", "check_transformers", "hf_config", "expert_parallel", "options",
            "build", "HFLanguageModel"]
@@ -159,11 +160,12 @@ def expert_parallel(cfg: RunConfig, config, ds: dict, source: str) -> dict:
 
 
 def options(cfg: RunConfig, config) -> Dict[str, Any]:
-    moe = cfg.moe
-    options = dict(estimator=ROUTERS[moe.router].estimator, balance=moe.balance, balance_coef=moe.balance_coef,
-                   z_loss_coef=moe.z_loss_coef, routing_impl=moe.routing_impl)
-    if config.model_type != "phimoe":  # PhiMoE's config carries its jitter (use_sparsemixer reads it)
-        options["jitter_eps"] = moe.jitter_eps
+    """The run's router options for ``use_sparsemixer``, less those the HF config sets under its own names
+    (use_sparsemixer reads them there): the input jitter, and PhiMoE's jitter mask."""
+    options = dataclasses.asdict(cfg.moe.router_options())
+    del options["input_jitter"]
+    if config.model_type == "phimoe":
+        del options["jitter_eps"]
     return options
 
 
@@ -175,11 +177,8 @@ class HFLanguageModel:
         if targets is None:
             return LMOutput(logits)
         ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
-        found = autoep.routers(self)
-        aux = torch.stack([r.l_aux.float() for r in found]).sum()
-        balance = torch.stack([r.terms.balance.float() for r in found]).sum()
-        z = torch.stack([r.terms.z.float() for r in found]).sum()
-        return LMOutput(logits, ce + aux, ce.detach(), balance, z)
+        balance, z = sum_terms([r.terms for r in autoep.routers(self)])
+        return LMOutput(logits, ce + autoep.aux_loss(self), ce.detach(), balance, z)
 
     def routing_stats(self) -> List[RoutingStats]:
         """Each MoE layer's routing statistics, in layer order; after deepspeed.initialize."""

@@ -199,7 +199,7 @@ def _experts_to_hf(experts: nn.Module, spec, prefix: str, want: Dict[str, torch.
 
 def routing_notes(cfg: RunConfig, config) -> List[str]:
     """How the exported model's own (HF) forward routes, where that is not the trained model's eval rule."""
-    from .routers import ROUTERS
+    from .routing.registry import ROUTERS
     rule = f"SparseMixer's eval rule ({ROUTERS[cfg.moe.router].estimator}, top-{config.num_experts_per_tok})"
     if config.model_type == "phimoe":
         if config.num_experts_per_tok == 2:

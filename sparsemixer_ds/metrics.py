@@ -30,7 +30,7 @@ import psutil
 import torch
 from deepspeed import comm as dist
 
-from .moe import RoutingStats
+from .routing.core import RoutingStats
 
 __all__ = ["Metrics", "Throughput", "Utilisation", "read_metrics", "all_mean", "finite_or_none"]
 

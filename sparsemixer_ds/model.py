@@ -23,8 +23,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, MoEConfig
-from .moe import RoutingStats, make_moe, moe_gates
-from .routers import get_router
+from .moe import make_moe, moe_gates
+from .routing.core import RoutingStats, sum_terms
+from .routing.registry import get_router
 
 
 class LMOutput(NamedTuple):
@@ -114,8 +115,7 @@ class MoELM(nn.Module):
                                num_experts=moe.num_experts, ep_size=moe.ep_size, k=moe.top_k,
                                capacity_factor=moe.capacity_factor, eval_capacity_factor=moe.eval_capacity_factor,
                                min_capacity=moe.min_capacity, drop_tokens=moe.drop_tokens,
-                               jitter_eps=moe.jitter_eps, balance_coef=moe.balance_coef, balance=moe.balance,
-                               z_loss_coef=moe.z_loss_coef, routing_impl=moe.routing_impl)
+                               options=moe.router_options())
             else:
                 ffn = feed_forward(cfg.d_model, cfg.ffn_hidden)
             blocks.append(Block(cfg, ffn))
@@ -157,13 +157,11 @@ class MoELM(nn.Module):
         if targets is None:
             return LMOutput(logits)
         ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
-        balance, z = aux.new_zeros(()), aux.new_zeros(())
-        for gate in self.gates:
-            balance, z = balance + gate.terms.balance.float(), z + gate.terms.z.float()
+        balance, z = sum_terms([gate.terms for gate in self.gates])
         return LMOutput(logits, ce + aux, ce.detach(), balance, z)
 
     def routing_stats(self) -> List[RoutingStats]:
-        """Each MoE layer's routing statistics, in layer order (sparsemixer_ds.moe.RoutingStats)."""
+        """Each MoE layer's routing statistics, in layer order (sparsemixer_ds.routing.core.RoutingStats)."""
         return [gate.stats for gate in self.gates]
 
     def generate(self, tokens: torch.Tensor, new_tokens: int, temperature: float = 1.0, top_k: int = 0,

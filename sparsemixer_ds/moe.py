@@ -12,8 +12,9 @@ auxiliary losses (``balance_coef``, ``z_loss_coef``) in the ``l_aux`` it returns
 values of its last call in ``terms`` for logging, and records routing statistics in ``stats`` from the
 logits and routes it computed (Megatron-Core's router does the same). The balance loss is
 ``local`` (each rank's micro-batch) or ``global`` (route fractions summed over the data-parallel
-group first, GRIN's choice), as in sparsemixer_ds.balance.
+group first, GRIN's choice), as in sparsemixer_ds.routing.balance.
 """
+import dataclasses
 import math
 from typing import List, NamedTuple, Optional, Tuple, Union
 
@@ -25,12 +26,11 @@ from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import TOPK_GATE_TIMER, TopKGate, multiplicative_jitter, top1gating, top2gating
 from torch import nn
 
-from .balance import BALANCE_MODES, balance_loss, z_loss
-from .routers import Router
-from .routing import ESTIMATORS, ROUTING_IMPLS, route, use_fused
+from .routing.balance import balance_loss
+from .routing.core import GLOBAL_BALANCE_GROUP, MoETerms, Routed, RoutingStats, sparsemixer_routes
+from .routing.registry import Router, RouterOptionError, RouterOptions, check_top_k
 
-__all__ = ["SparseMixerGate", "SparseMixerMoE", "BaselineGate", "convert", "Routes", "MoETerms", "RoutingStats",
-           "make_moe", "moe_gates"]
+__all__ = ["SparseMixerGate", "SparseMixerMoE", "BaselineGate", "convert", "Routes", "make_moe", "moe_gates"]
 
 
 class Routes(NamedTuple):
@@ -44,75 +44,11 @@ class Routes(NamedTuple):
     exp_counts: torch.Tensor  # int64 [E]: routes each expert was chosen for, before capacity
 
 
-class MoETerms(NamedTuple):
-    """A gate call's auxiliary losses before their coefficients (detached, for logging)."""
-    balance: torch.Tensor  # scalar: Switch's load-balance loss
-    z: torch.Tensor  # scalar: ST-MoE's router z-loss (0 where the gate has none)
-
-
-class RoutingStats:
-    """One gate's routing statistics, summed over the calls it makes while ``recording`` is on.
-
-    Per call: each expert's share of the routes before capacity, the share of routes dropped (over
-    capacity, or of unused tokens), and the mean entropy of the router's softmax (nats), from the
-    logits and routes the gate computed for that call. ``take()`` returns the sums as one flat
-    float64 tensor, ready for an all-reduce, and starts over.
-    """
-
-    def __init__(self, num_experts: int) -> None:
-        self.num_experts = num_experts
-        self.recording = False
-        self._sums: Optional[torch.Tensor] = None
-
-    @torch.no_grad()
-    def add(self, logits_SE: torch.Tensor, exp_counts_E: torch.Tensor, dropped: torch.Tensor) -> None:
-        log_probs_SE = torch.log_softmax(logits_SE.float(), dim=1)
-        entropy = -(log_probs_SE.exp() * log_probs_SE).sum(dim=1).mean()
-        load_E = exp_counts_E.double() / exp_counts_E.sum().clamp_min(1)
-        dropped = dropped.double()
-        row = torch.cat([load_E, torch.stack([dropped, entropy.double(), torch.ones_like(dropped)])])
-        self._sums = row if self._sums is None else self._sums + row
-
-    def take(self, device: torch.device) -> torch.Tensor:
-        """[load_0 .. load_{E-1}, dropped, entropy, calls] summed since the last take."""
-        sums = self._sums if self._sums is not None else torch.zeros(self.num_experts + 3, dtype=torch.float64)
-        self._sums = None
-        return sums.to(device)
-
-    @staticmethod
-    def summarize(sums: torch.Tensor) -> dict:
-        """Means from ``take()``'s sums (all-reduced or not): load, max/mean load, dropped, entropy."""
-        calls = float(sums[-1].clamp_min(1))
-        load = (sums[:-3] / calls).tolist()
-        mean_load = 1.0 / len(load)
-        return {"load": load, "max_mean_load": max(load) / mean_load, "dropped": float(sums[-3]) / calls,
-                "entropy": float(sums[-2]) / calls}
-
-
-def _check_coef(name: str, value: float, usual: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= float(value) < math.inf:
-        raise ValueError(f"{name} must be a finite number >= 0 ({usual}); got {value!r}")
-
-
-def _check_balance(balance: str) -> None:
-    if balance not in BALANCE_MODES:
-        raise ValueError(f"balance must be one of {', '.join(BALANCE_MODES)} (global: GRIN's balance over all "
-                         f"ranks); got {balance!r}")
-
-
-# The group "global" balances over: the data-parallel group of the dense (non-expert) parameters. In this
-# project that is every rank (None): each rank trains on its own tokens, and expert parallelism places
-# experts across ranks without splitting a batch, so the global batch is the union of all ranks' tokens.
-GLOBAL_BALANCE_GROUP = None
-
-
-def _check_gate_options(num_experts: int, k: int, capacity_factor: float, eval_capacity_factor: float,
-                        min_capacity: int, noisy_gate_policy: Optional[str], top2_2nd_expert_sampling: bool,
-                        jitter_eps: float, estimator: str, balance_coef: float, z_loss_coef: float,
-                        balance: str, routing_impl: str) -> None:
-    """Reject options SparseMixer cannot honour, before any module is built."""
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
-        raise ValueError(f"k must be an integer in 1..num_experts={num_experts}; got {k!r}")
+def _check_capacity(num_experts: int, k: int, capacity_factor: float, eval_capacity_factor: float,
+                    min_capacity: int, noisy_gate_policy: Optional[str], top2_2nd_expert_sampling: bool) -> None:
+    """Reject the DeepSpeed gate's own settings that SparseMixer cannot honour, before any module is built
+    (the router options are RouterOptions.check()'s)."""
+    check_top_k(k, num_experts, "k")
     for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
         if not isinstance(value, (int, float)) or not 0 < float(value) < math.inf:
             raise ValueError(f"{name} must be a finite number > 0 (1.0 to 2.0 is usual); got {value!r}")
@@ -124,24 +60,14 @@ def _check_gate_options(num_experts: int, k: int, capacity_factor: float, eval_c
     if top2_2nd_expert_sampling is not True:
         raise ValueError(f"top2_2nd_expert_sampling={top2_2nd_expert_sampling!r}: SparseMixer samples every route "
                          "(that is its estimator); leave it True")
-    if not isinstance(jitter_eps, (int, float)) or not 0 <= float(jitter_eps) < math.inf:
-        raise ValueError(f"jitter_eps must be a finite number >= 0 (the paper uses 0.1); got {jitter_eps!r}")
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}; got {estimator!r}")
-    _check_coef("balance_coef", balance_coef, "1 returns the balance loss as it is; Switch trains with 0.01")
-    _check_coef("z_loss_coef", z_loss_coef, "ST-MoE uses 1e-3")
-    _check_balance(balance)
-    if routing_impl not in ROUTING_IMPLS:
-        raise ValueError(f"routing_impl must be one of {', '.join(ROUTING_IMPLS)} (auto: fused where it is faster); "
-                         f"got {routing_impl!r}")
 
 
 class SparseMixerGate(TopKGate):
-    """A DeepSpeed gate whose routes and weights come from SparseMixer (sparsemixer_ds.routing).
+    """A DeepSpeed gate whose routes and weights come from SparseMixer (sparsemixer_ds.routing.core).
 
     Takes TopKGate's constructor arguments plus ``jitter_eps``, ``estimator``, ``balance_coef``,
-    ``balance`` ("local" or "global", see sparsemixer_ds.balance), ``z_loss_coef`` and ``routing_impl``
-    ("auto", "eager" or "fused": how the estimator runs, see sparsemixer_ds.routing.use_fused).
+    ``balance`` ("local" or "global", see sparsemixer_ds.routing.balance), ``z_loss_coef`` and ``routing_impl``
+    ("auto", "eager" or "fused": how the estimator runs, see sparsemixer_ds.routing.estimator.use_fused).
     ``noisy_gate_policy`` must stay None (SparseMixer samples its routes) and
     ``top2_2nd_expert_sampling`` True. Capacity follows DeepSpeed: C = max(ceil(S / E * factor * k),
     min_capacity) slots per expert, or with ``drop_tokens=False`` the largest expert load over the
@@ -173,19 +99,18 @@ class SparseMixerGate(TopKGate):
                  balance: str = "local",
                  z_loss_coef: float = 0.0,
                  routing_impl: str = "auto") -> None:
-        _check_gate_options(num_experts, k, capacity_factor, eval_capacity_factor, min_capacity, noisy_gate_policy,
-                            top2_2nd_expert_sampling, jitter_eps, estimator, balance_coef, z_loss_coef, balance,
-                            routing_impl)
+        # Every option is checked before DeepSpeed builds anything.
+        options = RouterOptions(estimator=estimator, jitter_eps=float(jitter_eps), balance_coef=float(balance_coef),
+                                balance=balance, z_loss_coef=float(z_loss_coef), routing_impl=routing_impl).check()
+        _check_capacity(num_experts, k, capacity_factor, eval_capacity_factor, min_capacity, noisy_gate_policy,
+                        top2_2nd_expert_sampling)
+        if estimator is None:
+            raise RouterOptionError("estimator=None is DeepSpeed's TopKGate: use BaselineGate (or make_moe) for the "
+                                    "switch and gshard baselines")
         super().__init__(model_dim, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity, None,
                          drop_tokens, use_rts, ep_group, True)
         self.num_experts = num_experts
-        self.jitter_eps = float(jitter_eps)
-        self.estimator = estimator
-        self.rule = ESTIMATORS[estimator]  # looked up once: forward calls the unchecked routing function
-        self.balance_coef = float(balance_coef)
-        self.balance = balance
-        self.z_loss_coef = float(z_loss_coef)
-        self.routing_impl = routing_impl
+        self.options = options
         self.stats = RoutingStats(num_experts)
         self.terms: Optional[MoETerms] = None
 
@@ -195,10 +120,11 @@ class SparseMixerGate(TopKGate):
         return _rebuild(cls, gate, None, True, **sparsemixer_kwargs)
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, k={self.k}, estimator={self.estimator!r}, "
-                f"jitter_eps={self.jitter_eps}, capacity_factor={self.capacity_factor}, "
-                f"drop_tokens={self.drop_tokens}, balance={self.balance!r}, balance_coef={self.balance_coef}, "
-                f"z_loss_coef={self.z_loss_coef}, routing_impl={self.routing_impl!r}")
+        o = self.options
+        return (f"num_experts={self.num_experts}, k={self.k}, estimator={o.estimator!r}, "
+                f"jitter_eps={o.jitter_eps}, capacity_factor={self.capacity_factor}, "
+                f"drop_tokens={self.drop_tokens}, balance={o.balance!r}, balance_coef={o.balance_coef}, "
+                f"z_loss_coef={o.z_loss_coef}, routing_impl={o.routing_impl!r}")
 
     def forward(self,
                 input: torch.Tensor,
@@ -215,9 +141,10 @@ class SparseMixerGate(TopKGate):
         if self.wall_clock_breakdown:
             self.timers(TOPK_GATE_TIMER).start()
         logits_SE = F.linear(input.float(), self.wg.weight.float())
-        experts_SK, weights_SK = route(logits_SE, self.k, self.jitter_eps, self.training, self.rule,
-                                       use_fused(self.routing_impl, logits_SE))
-        routes = self._dispatch_routes(logits_SE, experts_SK, weights_SK, used_token)
+        used_S = None if used_token is None else used_token.reshape(-1) != 0
+        routed = sparsemixer_routes(logits_SE, self.k, self.options, self.training, used_S)
+        self.terms = routed.terms
+        routes = self._dispatch_routes(routed, used_S)
         if self.stats.recording:
             self.stats.add(logits_SE, routes.exp_counts, (routes.indices_KS < 0).double().mean())
         if self.wall_clock_breakdown:
@@ -237,19 +164,16 @@ class SparseMixerGate(TopKGate):
             dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=self.ep_group)
         return capacity
 
-    def _dispatch_routes(self, logits_SE: torch.Tensor, experts_SK: torch.Tensor, weights_SK: torch.Tensor,
-                         used_token: Optional[torch.Tensor]) -> Routes:
-        num_tokens, num_experts = logits_SE.shape
-        device = logits_SE.device
-        experts_KS = experts_SK.t()
+    def _dispatch_routes(self, routed: Routed, used_S: Optional[torch.Tensor]) -> Routes:
+        """Capacity and each route's slot in its expert's buffer, for the routes ``routed`` drew."""
+        num_tokens, num_experts = routed.experts_SK.shape[0], self.num_experts
+        device = routed.experts_SK.device
+        experts_KS, exp_counts = routed.experts_SK.t(), routed.counts_E
         routed_KS = torch.ones_like(experts_KS, dtype=torch.bool)
-        if used_token is not None:
-            routed_KS = routed_KS & (used_token.reshape(1, num_tokens) != 0)
-        # Unrouted tokens go to a virtual expert E: counted nowhere, sorted last.
+        if used_S is not None:
+            routed_KS = routed_KS & used_S.reshape(1, num_tokens)
+        # Unrouted tokens go to a virtual expert E: counted nowhere (routed.counts_E), sorted last.
         bucket_N = torch.where(routed_KS, experts_KS, num_experts).reshape(-1)  # N = K * S routes
-        # A scatter into E + 1 counters, not bincount: its output has a fixed shape, so torch.compile traces it.
-        exp_counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device).scatter_add_(
-            0, bucket_N, torch.ones_like(bucket_N))[:num_experts]
         capacity = self._capacity(num_tokens, exp_counts)
 
         # Slot of each route in its expert's buffer = how many routes of the same expert come first
@@ -265,23 +189,12 @@ class SparseMixerGate(TopKGate):
         ranks_N = torch.arange(num_routes, device=device) - starts_E.index_select(0, bucket_N[order_N].clamp_max(num_experts - 1))
         locations_KS = torch.empty_like(ranks_N).index_copy_(0, order_N, ranks_N).view_as(experts_KS)
         kept_KS = routed_KS & (locations_KS < capacity)
-
-        # Switch Transformer eq. 4 over the routes SparseMixer drew; S * k routes, unused tokens included
-        # (as DeepSpeed's top1gating divides by S), so "local" keeps this gate's earlier values.
-        balance = balance_loss(logits_SE, exp_counts, num_tokens * self.k, self.balance, GLOBAL_BALANCE_GROUP)
-        l_aux = self.balance_coef * balance
-        z = torch.zeros((), device=device)
-        if self.z_loss_coef > 0:  # ST-MoE eq. 5: keeps router logits small for bf16 stability
-            z = z_loss(logits_SE)
-            l_aux = l_aux + self.z_loss_coef * z
-        self.terms = MoETerms(balance.detach(), z.detach())
-
-        return Routes(l_aux=l_aux,
+        return Routes(l_aux=routed.l_aux,
                       capacity=capacity,
                       num_experts=num_experts,
                       indices_KS=torch.where(kept_KS, experts_KS, -1).to(torch.int32),
                       locations_KS=torch.where(kept_KS, locations_KS, 0).to(torch.int32),
-                      gates_KS=weights_SK.t() * kept_KS,
+                      gates_KS=routed.weights_SK.t() * kept_KS,
                       exp_counts=exp_counts)
 
 
@@ -308,7 +221,7 @@ class BaselineGate(TopKGate):
     computed (after the input jitter, where the gate has it).
 
     ``balance="local"`` keeps DeepSpeed's own l_aux. ``balance="global"`` replaces it by
-    ``balance_loss(logits_SE, exp_counts, S * k, "global")`` (sparsemixer_ds.balance): the logits after
+    ``balance_loss(logits_SE, exp_counts, S * k, "global")`` (sparsemixer_ds.routing.balance): the logits after
     the input jitter and before top2gating's Gumbel noise (the ones DeepSpeed's softmax reads), and the
     route counts DeepSpeed returns (before capacity), summed over all ranks. What that is on one
     process, with the same routes, against DeepSpeed 0.19's formulas (P_e = mean over the S tokens of
@@ -329,13 +242,11 @@ class BaselineGate(TopKGate):
 
     def __init__(self, *topk_gate_args, balance_coef: float = 1.0, balance: str = "local",
                  **topk_gate_kwargs) -> None:
-        _check_balance(balance)
+        options = RouterOptions(estimator=None, balance_coef=float(balance_coef), balance=balance).check()
         super().__init__(*topk_gate_args, **topk_gate_kwargs)
         if self.k not in (1, 2):
             raise ValueError(f"k must be 1 or 2 for DeepSpeed's TopKGate baselines; got {self.k!r}")
-        _check_coef("balance_coef", balance_coef, "Switch trains with 0.01")
-        self.balance_coef = float(balance_coef)
-        self.balance = balance
+        self.options = options
         self.stats = RoutingStats(self.wg.out_features)
         self.terms: Optional[MoETerms] = None
 
@@ -361,7 +272,7 @@ class BaselineGate(TopKGate):
         # top2gating adds its sampling noise to the logits in place: the global balance loss (through
         # autograd) and the statistics read them before.
         clean_logits_SE = None
-        if self.balance == "global":
+        if self.options.balance == "global":
             clean_logits_SE = logits_SE.clone()
         elif self.stats.recording:
             clean_logits_SE = logits_SE.detach().clone()
@@ -374,7 +285,7 @@ class BaselineGate(TopKGate):
             routes = top2gating(logits_SE, factor, self.min_capacity, self.drop_tokens, self.ep_group,
                                 self.top2_2nd_expert_sampling, sparse_routes)
         balance, exp_counts = routes[0], routes[-1]
-        if self.balance == "global":
+        if self.options.balance == "global":
             balance = balance_loss(clean_logits_SE, exp_counts, logits_SE.shape[0] * self.k, "global",
                                    GLOBAL_BALANCE_GROUP)
         self.terms = MoETerms(balance.detach(), torch.zeros((), device=balance.device))
@@ -387,7 +298,7 @@ class BaselineGate(TopKGate):
         if self.wall_clock_breakdown:
             self.timers(TOPK_GATE_TIMER).stop()
             self.gate_time = self.timers(TOPK_GATE_TIMER).elapsed(reset=False)
-        return (self.balance_coef * balance, *routes[1:])
+        return (self.options.balance_coef * balance, *routes[1:])
 
 
 def _rebuild(cls, gate: TopKGate, noisy_gate_policy: Optional[str], top2_2nd_expert_sampling: bool, **kwargs):
@@ -454,7 +365,7 @@ class SparseMixerMoE(MoE):
         self.deepspeed_moe.gate = gate
         weight = gate.wg.weight
         omega = None
-        if gate.estimator.startswith("midpoint"):
+        if gate.options.omega:
             omega = nn.Parameter(torch.ones(weight.shape[1], dtype=weight.dtype, device=weight.device))
         self.register_parameter("omega", omega)
 
@@ -516,31 +427,24 @@ def make_moe(router: Router,
              eval_capacity_factor: float = 1.0,
              min_capacity: int = 4,
              drop_tokens: bool = True,
-             jitter_eps: float = 0.1,
-             balance_coef: float = 1.0,
-             balance: str = "local",
-             z_loss_coef: float = 0.0,
-             routing_impl: str = "auto") -> MoE:
-    """An MoE layer for a registered router (sparsemixer_ds.routers), so that comparing routers is one
+             options: RouterOptions = RouterOptions()) -> MoE:
+    """An MoE layer for a registered router (sparsemixer_ds.routing.registry), so that comparing routers is one
     config change: a SparseMixerMoE with the router's estimator, or DeepSpeed's MoE with a BaselineGate
     (TopKGate with k = 1 and input jitter for switch, k = 2 for gshard). The gate weights its own
-    auxiliary losses with ``balance_coef`` and ``z_loss_coef`` (SparseMixer routers only) and takes its
-    balance loss ``balance`` = "local" or "global" (over all ranks; see BaselineGate for the baselines).
-    ``routing_impl`` (SparseMixer routers) says how the estimator runs: auto, eager or fused."""
+    auxiliary losses with the ``options``' coefficients and takes its balance loss "local" or "global"
+    (over all ranks; see BaselineGate for the baselines); ``options.estimator`` is the router's own."""
+    options = dataclasses.replace(options, estimator=router.estimator).check()  # before DeepSpeed builds experts
     common = dict(num_experts=num_experts, ep_size=ep_size, k=k, capacity_factor=capacity_factor,
                   eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity, drop_tokens=drop_tokens)
     if not router.baseline:
-        return SparseMixerMoE(hidden_size, expert, jitter_eps=jitter_eps, estimator=router.estimator,
-                              balance_coef=balance_coef, balance=balance, z_loss_coef=z_loss_coef,
-                              routing_impl=routing_impl, **common)
-    _check_balance(balance)  # before DeepSpeed builds (and copies) the experts
-    if z_loss_coef:
-        raise ValueError(f"z_loss_coef={z_loss_coef} needs a SparseMixer router; DeepSpeed's TopKGate "
-                         f"({router.name}) has no z-loss")
+        return SparseMixerMoE(hidden_size, expert, jitter_eps=options.jitter_eps, estimator=options.estimator,
+                              balance_coef=options.balance_coef, balance=options.balance,
+                              z_loss_coef=options.z_loss_coef, routing_impl=options.routing_impl, **common)
     if not num_experts % ep_size == 0:
         raise ValueError(f"num_experts={num_experts} must be divisible by ep_size={ep_size}")
     layer = MoE(hidden_size, expert, noisy_gate_policy="Jitter" if router.input_jitter else None, **common)
-    layer.deepspeed_moe.gate = BaselineGate.from_topk_gate(layer.deepspeed_moe.gate, balance_coef, balance)
+    layer.deepspeed_moe.gate = BaselineGate.from_topk_gate(layer.deepspeed_moe.gate, options.balance_coef,
+                                                           options.balance)
     return layer
 
 

@@ -33,7 +33,7 @@ from .machine import check_memory, check_precision
 from .metrics import Metrics, Throughput, Utilisation, all_mean
 from .mixture import Mixture, check_sources, data_sources, validation_sets
 from .optim import apply_schedule, make_adamw, make_schedule
-from .routing import check_impl
+from .routing.estimator import check_impl
 from .rundir import RunDir, TagState, tag_name
 from .runlock import RunLock, check_lock, launch_token
 from .stop import StopRequest, Stopped

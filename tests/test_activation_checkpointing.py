@@ -14,7 +14,7 @@ from test_hf_family import launch, write_config
 
 from sparsemixer_ds.config import load_config
 from sparsemixer_ds.families import get_family
-from sparsemixer_ds.moe import RoutingStats
+from sparsemixer_ds.routing.core import RoutingStats
 
 NATIVE = ["model.vocab_size=50", "model.d_model=32", "model.n_heads=2", "model.n_layers=4", "model.seq_len=16",
           "model.ffn_hidden=64", "moe.num_experts=4", "moe.expert_hidden=32", "model.dropout=0.1",

@@ -17,10 +17,11 @@ from conftest import REPO, free_port, launch_env
 from transformers import AutoModelForCausalLM, MixtralConfig, PhimoeConfig, Qwen3MoeConfig
 
 from sparsemixer_ds import autoep
-from sparsemixer_ds.routing import sparsemixer
+from sparsemixer_ds.routing.estimator import sparsemixer
+from sparsemixer_ds.routing.registry import RouterOptions
 
 CONFIG_CLASSES = {"phimoe": PhimoeConfig, "mixtral": MixtralConfig, "qwen3_moe": Qwen3MoeConfig}
-# The estimators' constants from the papers, not from routing.py: s multiplies the router gradient,
+# The estimators' constants from the papers, not from routing/registry.py: s multiplies the router gradient,
 # c_low is the forward scale of a draw that loses the coin.
 PAPER = {"midpoint": {"s": 2.0, "c_low": 0.5}, "heun3": {"s": 1.0, "c_low": 1.0 / 3.0}}
 # The PhiMoE engines each launch builds: (stage, name) -> (use_grouped_mm, estimator, balance).
@@ -297,7 +298,7 @@ def test_the_fused_router_routes_and_trains_as_the_eager_one(top_k):
     for impl in ("eager", "fused"):
         gate = torch.nn.Linear(16, 6, bias=False)
         torch.nn.init.normal_(gate.weight, generator=torch.Generator().manual_seed(3))
-        router = autoep.SparseMixerRouter(gate, top_k, autoep.SparseMixerOptions(routing_impl=impl))
+        router = autoep.SparseMixerRouter(gate, top_k, RouterOptions(routing_impl=impl))
         torch.manual_seed(4)
         weights_TK, experts_TK, counts_E = router(x_TM)
         (weights_TK * torch.arange(80.0)[:, None]).sum().add(router.l_aux).backward()

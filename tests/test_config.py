@@ -7,7 +7,7 @@ import pytest
 
 from sparsemixer_ds.config import (ConfigError, RunConfig, config_dict, config_from_dict, load_config, load_ds_config,
                                    total_steps)
-from sparsemixer_ds.routers import ROUTERS
+from sparsemixer_ds.routing.registry import ROUTERS
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -17,6 +17,7 @@ CASES = {
     "native": (None, TINY + [f"model.vocab_size={V}", "moe.moe_every=1"]),
     "native-top2-learned": (None, TINY + [f"model.vocab_size={V}", "moe.router=sparsemixer-v2", "moe.top_k=2",
                                           "model.positions=learned", "model.n_layers=3"]),
+    "native-midpoint-all": (None, TINY + [f"model.vocab_size={V}", "moe.router=midpoint-all"]),  # omega too
     "qwen3_moe-dense-layer": ("configs/cpu_qwen3_moe.yaml", [f"model.vocab_size={V}", "model.hf.mlp_only_layers=[1]"]),
     "qwen3_moe-midpoint": ("configs/cpu_qwen3_moe.yaml", [f"model.vocab_size={V}", "moe.router=sparsemixer",
                                                           "model.hf.num_experts_per_tok=1"]),

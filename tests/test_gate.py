@@ -13,7 +13,7 @@ from sparsemixer_ds import SparseMixerGate, SparseMixerMoE, convert, sparsemixer
 from sparsemixer_ds.config import load_config
 from sparsemixer_ds.model import MoELM
 from sparsemixer_ds.moe import BaselineGate, make_moe
-from sparsemixer_ds.routers import get_router
+from sparsemixer_ds.routing.registry import RouterOptions, get_router
 
 
 def make_gate(model_dim=8, num_experts=4, seed=0, **kwargs):
@@ -212,7 +212,7 @@ def switch_balance(logits, counts, routes):
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_local_balance_keeps_its_values(k):
-    """The balance term now comes from sparsemixer_ds.balance: explicit "local" is the default, and both
+    """The balance term now comes from sparsemixer_ds.routing.balance: explicit "local" is the default, and both
     are Switch's formula over the routes SparseMixer drew (S * k of them)."""
     x = torch.randn(50, 8)
     default = route(make_gate(k=k, z_loss_coef=0.01), x)
@@ -244,7 +244,8 @@ def test_an_unknown_balance_mode_is_refused_naming_it():
         BaselineGate.from_topk_gate(TopKGate(8, 4, k=1), balance="median")
     for router in ("sparsemixer", "switch"):
         with pytest.raises(ValueError, match=match):
-            make_moe(get_router(router), 8, torch.nn.Linear(8, 8), num_experts=4, balance="median")
+            make_moe(get_router(router), 8, torch.nn.Linear(8, 8), num_experts=4,
+                     options=RouterOptions(balance="median"))
     model = TinyMoEModel()
     with pytest.raises(ValueError, match=match):
         convert(model, balance="median")
@@ -257,13 +258,13 @@ def test_moe_balance_reaches_every_gate_of_the_model(router, k):
                              "model.seq_len=8", "moe.num_experts=4", "moe.expert_hidden=16", f"moe.router={router}",
                              f"moe.top_k={k}", "moe.balance=global"])
     gates = MoELM(cfg.model, cfg.moe).gates
-    assert gates and all(gate.balance == "global" for gate in gates)
+    assert gates and all(gate.options.balance == "global" for gate in gates)
 
 
 def test_convert_passes_the_balance_mode():
     model = TinyMoEModel()
     convert(model, balance="global")
-    assert [m.gate.balance for m in model.modules() if isinstance(m, SparseMixerMoE)] == ["global", "global"]
+    assert [m.gate.options.balance for m in model.modules() if isinstance(m, SparseMixerMoE)] == ["global", "global"]
 
 
 def deepspeed_first_choice_balance(logits):
@@ -420,7 +421,7 @@ def test_convert_keeps_weights_experts_and_residual_parts():
         assert type(gate) is SparseMixerGate and isinstance(gate, TopKGate)
         assert gate.wg.weight is router
         assert (gate.k, gate.capacity_factor, gate.min_capacity, gate.drop_tokens) == setting
-        assert gate.jitter_eps == 0.2 and gate.estimator == "midpoint"
+        assert gate.options.jitter_eps == 0.2 and gate.options.estimator == "midpoint"
         assert torch.equal(layer.omega, torch.ones(16))
     new = {id(p) for p in model.parameters()}
     assert kept < new and len(new - kept) == 2, "only the two omegas are new"

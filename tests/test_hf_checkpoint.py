@@ -23,7 +23,7 @@ from sparsemixer_ds.config import ConfigError, config_dict, load_config
 from sparsemixer_ds.data import BpeTokenizer, ByteTokenizer, eval_batches, open_split, prepare
 from sparsemixer_ds.export import load_checkpoint_model
 from sparsemixer_ds.hf_checkpoint import export_hf, write_tokenizer
-from sparsemixer_ds.routing import sparsemixer
+from sparsemixer_ds.routing.estimator import sparsemixer
 from sparsemixer_ds.train import evaluate, preflight
 
 COMMON = {"hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,

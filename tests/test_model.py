@@ -10,9 +10,10 @@ from sparsemixer_ds import SparseMixerGate, SparseMixerMoE
 from sparsemixer_ds.config import load_config
 from sparsemixer_ds.families import FAMILIES, get_family
 from sparsemixer_ds.model import MoELM
-from sparsemixer_ds.moe import BaselineGate, RoutingStats
+from sparsemixer_ds.moe import BaselineGate
+from sparsemixer_ds.routing.core import RoutingStats
 from sparsemixer_ds.optim import warmup_cosine
-from sparsemixer_ds.routers import ROUTERS
+from sparsemixer_ds.routing.registry import ROUTERS
 from sparsemixer_ds.train import step_seed
 
 SMALL = ["model.vocab_size=50", "model.d_model=32", "model.n_heads=2", "model.n_layers=4", "model.seq_len=16",
@@ -48,7 +49,7 @@ def test_router_choice_builds_the_right_moe_blocks(router, k, gate_type, estimat
     for block in model.blocks[1::2]:
         gate = block.ffn.deepspeed_moe.gate
         assert type(gate) is gate_type and gate.k == k
-        assert getattr(gate, "estimator", None) == estimator
+        assert gate.options.estimator == estimator
         # omega belongs to the midpoint estimators, whose forward pass runs some experts at half scale
         assert (getattr(block.ffn, "omega", None) is not None) == (estimator or "").startswith("midpoint")
     tokens = torch.randint(0, 50, (2, 16))

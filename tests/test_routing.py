@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sparsemixer_ds import sparsemixer
-from sparsemixer_ds import routing
+from sparsemixer_ds.routing import estimator as routing
 
 # Every behaviour below holds for both implementations: eager PyTorch ops and the compiled (fused) path.
 IMPLS = ["eager", "fused"]

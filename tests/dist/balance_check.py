@@ -3,7 +3,7 @@
 Started by the deepspeed launcher (see tests/test_balance.py). For each gate case every rank routes its
 own batch twice with the same seed, with ``balance="local"`` and ``balance="global"``, and back-propagates
 the global loss to the router weight. The expected value is written out here from all-gathered router
-inputs and route counts, without sparsemixer_ds.balance:
+inputs and route counts, without sparsemixer_ds.routing.balance:
     E * sum_e P_e * f_e,   P_e = this rank's mean softmax(logits)_e,
                            f_e = (counts_e summed over ranks) / (routes S * k summed over ranks),
 and its gradient is autograd's through P with the counts held constant. Each rank saves both.

@@ -1,4 +1,5 @@
-"""SparseMixer routing: the gradient estimator in pure PyTorch (no DeepSpeed import).
+"""SparseMixer routing: the gradient estimator in pure PyTorch (no DeepSpeed import); its rules are the
+table sparsemixer_ds.routing.registry.ESTIMATORS.
 
 Shape legend: S tokens, E experts, K routes per token (top_k).
 
@@ -35,47 +36,21 @@ on a GPU) into a few kernels instead of a chain of S x E passes. The uniforms ar
 either runs, so both take the same draws from the same seed; "auto" picks fused where it is faster
 (``use_fused``; benchmarks/gate.py --sizes).
 """
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["sparsemixer", "route", "EstimatorRule", "ESTIMATORS", "ROUTING_IMPLS"]
+from .registry import ROUTING_IMPLS, EstimatorRule, RouterOptions, check_top_k
 
-# How the estimator runs: eager PyTorch ops (the reference), fused (compiled), or auto (fused where faster).
-ROUTING_IMPLS = ("auto", "eager", "fused")
-
-
-class EstimatorRule(NamedTuple):
-    """How one estimator scales the forward value and the backward signal of p_D."""
-    c_low: float  # forward scale of a draw that loses the coin
-    q: float  # probability that a draw keeps full scale (c = 1)
-    s: float  # factor on the router gradient d p_D / dz
-    exempt_argmax: bool = True  # the argmax draw always keeps c = 1
+__all__ = ["sparsemixer", "route", "check_impl", "use_fused", "compiler_available"]
 
 
-ESTIMATORS = {
-    "midpoint": EstimatorRule(c_low=0.5, q=0.5, s=2.0),
-    "heun3": EstimatorRule(c_low=1.0 / 3.0, q=0.25, s=1.0),
-    # Ablations (see the module docstring).
-    "sampled": EstimatorRule(c_low=1.0, q=1.0, s=1.0),
-    "euler": EstimatorRule(c_low=1.0, q=1.0, s=2.0),
-    "midpoint-all": EstimatorRule(c_low=0.5, q=0.5, s=2.0, exempt_argmax=False),
-}
-
-
-def _check_args(logits: torch.Tensor, top_k: int, jitter_eps: float, estimator: str) -> None:
+def _check_logits(logits: torch.Tensor) -> None:
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
         seen = (f"shape {tuple(logits.shape)}, dtype {logits.dtype}"
                 if isinstance(logits, torch.Tensor) else type(logits).__name__)
         raise ValueError(f"logits must be a 2-D floating-point tensor [tokens, experts]; got {seen}")
-    num_experts = logits.shape[1]
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k must be an integer in 1..{num_experts} (the number of experts); got {top_k!r}")
-    if not isinstance(jitter_eps, (int, float)) or not 0.0 <= float(jitter_eps) < float("inf"):
-        raise ValueError(f"jitter_eps must be a finite number >= 0 (the paper uses 0.1); got {jitter_eps!r}")
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}; got {estimator!r}")
 
 
 def sparsemixer(logits: torch.Tensor,
@@ -104,15 +79,17 @@ def sparsemixer(logits: torch.Tensor,
         weights_SK: float32 [S, K], forward value c * p_D of each round's masked softmax; its
             gradient to the logits is s * g * p_D * (onehot(D) - p), whatever c was.
     """
-    _check_args(logits, top_k, jitter_eps, estimator)
+    _check_logits(logits)
+    check_top_k(top_k, logits.shape[1])
+    options = RouterOptions(estimator=estimator, jitter_eps=jitter_eps, routing_impl=impl).check()
     check_impl(impl, logits.device)
-    return route(logits, top_k, float(jitter_eps), training, ESTIMATORS[estimator], use_fused(impl, logits))
+    return route(logits, top_k, float(jitter_eps), training, options.rule, use_fused(impl, logits))
 
 
 def route(logits: torch.Tensor, top_k: int, jitter_eps: float, training: bool,
           rule: EstimatorRule, fused: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """``sparsemixer`` without its argument checks, for callers that checked their options once
-    (SparseMixerGate, in its constructor) and call this on every forward. ``fused``: run the
+    (sparsemixer_ds.routing.core, for both MoE paths) and call this on every forward. ``fused``: run the
     compiled kernels (``use_fused`` says when)."""
     # Router maths in float32: an out-of-place copy unless already fp32, so the input is never touched.
     scores_SE = logits.float()
@@ -316,7 +293,7 @@ CPU_FUSED_MIN_LOGITS = 1 << 12
 def check_impl(impl: str, device: torch.device) -> None:
     """Refuse an unknown ``impl``, or "fused" where nothing can compile it, naming the fix."""
     if impl not in ROUTING_IMPLS:
-        raise ValueError(f"routing impl must be one of {', '.join(ROUTING_IMPLS)}; got {impl!r}")
+        raise ValueError(f"routing_impl must be one of {', '.join(ROUTING_IMPLS)}; got {impl!r}")
     if impl == "fused" and not compiler_available(device):
         need = "Triton" if device.type == "cuda" else "a C++ compiler (g++ or clang++)"
         raise ValueError(f"routing impl 'fused' needs {need} on {device.type}, and none was found; install it or "

@@ -20,9 +20,9 @@ from typing import Optional
 import torch
 import torch.distributed
 
-__all__ = ["BALANCE_MODES", "balance_loss", "z_loss"]
+from .registry import BALANCE_MODES
 
-BALANCE_MODES = ("local", "global")
+__all__ = ["balance_loss", "z_loss"]
 
 
 def balance_loss(logits_SE: torch.Tensor, counts_E: torch.Tensor, routes: int, mode: str = "local",
