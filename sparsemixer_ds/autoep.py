@@ -109,8 +109,8 @@ class OutputScale(nn.Module):
 
 
 @dataclass(frozen=True)
-class _Plan:
-    """What use_sparsemixer decided for one MoE block, kept for the swap after deepspeed.initialize."""
+class _Block:
+    """One MoE block use_sparsemixer routes, kept for the swap after deepspeed.initialize."""
     name: str  # the block's module name, which AutoEP's layer takes over
     top_k: int
     hidden_size: int
@@ -214,20 +214,20 @@ def use_sparsemixer(model: nn.Module, ds_config: dict, source: str = "the DeepSp
         raise AutoEPError(f"{type(model).__name__}.config.output_router_logits is True: the model would add its "
                           "own balance loss, from a softmax top-k that SparseMixer does not take; set it to False "
                           "and add sparsemixer_ds.autoep.aux_loss(model) to the loss")
-    if getattr(model, "_sparsemixer_plans", None):
+    if getattr(model, "_sparsemixer_blocks", None):
         raise AutoEPError(f"use_sparsemixer() was already called on this {type(model).__name__}")
     specs = autoep_specs(model, ds_config, source)
-    plans = [_Plan(spec.moe_module_name, spec.top_k, spec.hidden_size) for spec in specs]
+    blocks = [_Block(spec.moe_module_name, spec.top_k, spec.hidden_size) for spec in specs]
     if opts.omega:
-        for plan in plans:
-            block = model.get_submodule(plan.name)
+        for entry in blocks:
+            block = model.get_submodule(entry.name)
             weight = next(block.parameters())
-            parent, child = _parent(model, plan.name)
-            parent.add_module(f"{child}_omega", OutputScale(plan.hidden_size, weight.dtype, weight.device))
-    model._sparsemixer_plans = plans
+            parent, child = _parent(model, entry.name)
+            parent.add_module(f"{child}_omega", OutputScale(entry.hidden_size, weight.dtype, weight.device))
+    model._sparsemixer_blocks = blocks
     model._sparsemixer_options = opts
     model.register_forward_pre_hook(_install_before_forward)
-    return [plan.name for plan in plans]
+    return [entry.name for entry in blocks]
 
 
 def _install_before_forward(model: nn.Module, _args) -> None:
@@ -240,37 +240,37 @@ def _parent(model: nn.Module, name: str):
 
 
 def install_routers(model: nn.Module) -> int:
-    """Put a SparseMixerRouter into each AutoEP layer that ``use_sparsemixer`` planned for, after
+    """Put a SparseMixerRouter into each AutoEP layer that ``use_sparsemixer`` chose, after
     ``deepspeed.initialize`` (the model's first forward does it too). Returns how many it installed
     now (0 once done)."""
     from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
 
-    plans = getattr(model, "_sparsemixer_plans", None)
-    if not plans:
-        raise AutoEPError(f"{type(model).__name__} has no SparseMixer plan: call use_sparsemixer(model, ds_config) "
+    blocks = getattr(model, "_sparsemixer_blocks", None)
+    if not blocks:
+        raise AutoEPError(f"{type(model).__name__} has no SparseMixer blocks: call use_sparsemixer(model, ds_config) "
                           "before deepspeed.initialize")
     opts: RouterOptions = model._sparsemixer_options
     installed = 0
-    for plan in plans:
-        layer = model.get_submodule(plan.name)
+    for entry in blocks:
+        layer = model.get_submodule(entry.name)
         if not isinstance(layer, AutoEPMoELayer):
-            raise AutoEPError(f"{plan.name} is still a {type(layer).__name__}, not an AutoEP layer: pass the model "
+            raise AutoEPError(f"{entry.name} is still a {type(layer).__name__}, not an AutoEP layer: pass the model "
                               "and the same DeepSpeed config to deepspeed.initialize before its first forward")
         if isinstance(layer.router, SparseMixerRouter):
             continue
-        if layer.score_apply != "post" or layer.expert_bias is not None or layer.top_k != plan.top_k:
-            raise AutoEPError(f"{plan.name}: AutoEP built the layer with score_apply={layer.score_apply!r}, expert "
+        if layer.score_apply != "post" or layer.expert_bias is not None or layer.top_k != entry.top_k:
+            raise AutoEPError(f"{entry.name}: AutoEP built the layer with score_apply={layer.score_apply!r}, expert "
                               f"bias {'on' if layer.expert_bias is not None else 'off'}, top_k={layer.top_k} "
-                              f"(SparseMixer needs \"post\", off, {plan.top_k}): use the DeepSpeed config given to "
+                              f"(SparseMixer needs \"post\", off, {entry.top_k}): use the DeepSpeed config given to "
                               "use_sparsemixer")
         old = layer.router
-        router = SparseMixerRouter(old.gate, plan.top_k, opts)
+        router = SparseMixerRouter(old.gate, entry.top_k, opts)
         router.train(old.training)
         # AutoEP may alias its router under the HF name (Mixtral's "gate") for output recorders.
         for name, child in list(layer.named_children()):
             if child is old:
                 setattr(layer, name, router)
-        parent, child = _parent(model, plan.name)
+        parent, child = _parent(model, entry.name)
         scale = getattr(parent, f"{child}_omega", None)
         if scale is not None:
             layer.register_forward_hook(_scale_output(scale))

@@ -57,12 +57,12 @@ def _check(args: argparse.Namespace) -> None:
         if is_this_host(args.master_addr):  # rank 0 listens there; another host's ports are not visible here
             check_master_port(args.master_addr, args.master_port)
     cfg = load_config(Path(args.config) if args.config else None, args.set)
-    plan = preflight(cfg, args.world_size, args.resume_tag or args.resume, init_from=args.init_from)
-    if plan.resume_tag is not None:
+    checked = preflight(cfg, args.world_size, args.resume_tag or args.resume, init_from=args.init_from)
+    if checked.resume_tag is not None:
         from .rundir import RunDir
         run = RunDir(cfg.run_dir)
-        run.verified.update((state.tag, state) for state in plan.checkpoints)
-        print(run.listing(plan.resume_tag))
+        run.verified.update((state.tag, state) for state in checked.checkpoints)
+        print(run.listing(checked.resume_tag))
     if args.lock:
         from .runlock import RunLock, launch_token
         lock = RunLock(cfg.run_dir, launch_token(), "launch script", pid=os.getppid()).acquire()

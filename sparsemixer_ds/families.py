@@ -15,6 +15,10 @@ chosen by the run config's ``model.family``. A family says, before any model exi
   arithmetic from parameter counts);
 - ``cost(cfg) -> ModelCost`` (sparsemixer_ds.flops): parameters (total, active per token) and training
   FLOPs per token, from the config alone, for MFU and ``sparsemixer-ds plan``;
+- ``check_routing(cfg, device)``: refuses a routing implementation this device cannot run;
+- ``check_init_from(cfg, path, resume) -> InitSource``: whether the run can start from the checkpoint
+  directory ``path`` (--init-from), before any work, and ``load_init_weights(model, source)`` then
+  copies its weights into the built model;
 
 and it builds the model, ``build(cfg)``: an ``nn.Module`` with
 
@@ -41,8 +45,16 @@ from .config import ConfigError, RunConfig
 from .flops import ModelCost, hf_cost, native_cost
 from .model import LMOutput, MoELM
 from .routing.core import RoutingStats
+from .routing.estimator import check_impl
 
-__all__ = ["ModelFamily", "LanguageModel", "MemoryEstimate", "training_state", "FAMILIES", "get_family"]
+__all__ = ["ModelFamily", "LanguageModel", "MemoryEstimate", "InitSource", "training_state", "FAMILIES",
+           "get_family"]
+
+
+class InitSource(NamedTuple):
+    """A checked --init-from directory."""
+    path: str  # absolute
+    notes: tuple  # fields that differ without changing a shape (the run's values apply)
 
 
 class LanguageModel(Protocol):
@@ -115,6 +127,15 @@ class ModelFamily(Protocol):
     def check_resume(self, checkpoint: Path, saved: RunConfig, cfg: RunConfig, ds: dict, world: int) -> None:
         ...
 
+    def check_routing(self, cfg: RunConfig, device: torch.device) -> None:
+        ...
+
+    def check_init_from(self, cfg: RunConfig, path: str, resume) -> InitSource:
+        ...
+
+    def load_init_weights(self, model: nn.Module, source: InitSource) -> None:
+        ...
+
     def export_state(self, model: nn.Module) -> Dict[str, torch.Tensor]:
         ...
 
@@ -122,7 +143,38 @@ class ModelFamily(Protocol):
         ...
 
 
-class NativeFamily:
+class _Family:
+    """What both families do alike: the routing check, the --init-from policy, exports of the state dict."""
+    name: str
+
+    def check_routing(self, cfg: RunConfig, device: torch.device) -> None:
+        try:
+            check_impl(cfg.moe.routing_impl, device)
+        except ValueError as err:
+            raise ConfigError(f"moe.{err}") from None
+
+    def check_init_from(self, cfg: RunConfig, path: str, resume) -> InitSource:
+        if resume:
+            raise ConfigError(f"--init-from {path} starts a new run from a Hugging Face checkpoint and --resume "
+                              "continues run_dir's own checkpoints; pass only one of them (a run started with "
+                              "--init-from resumes with --resume alone)")
+        return self._init_source(cfg, Path(path))
+
+    def _init_source(self, cfg: RunConfig, path: Path) -> InitSource:
+        raise ConfigError(f"--init-from {path}: model.family is {cfg.model.family!r}; only model.family hf runs start "
+                          "from a Hugging Face checkpoint (set model.family: hf and model.hf_config to the directory)")
+
+    def load_init_weights(self, model: nn.Module, source: InitSource) -> None:
+        raise ConfigError(f"--init-from: model.family {self.name} does not start from a checkpoint")
+
+    def export_state(self, model: nn.Module) -> Dict[str, torch.Tensor]:
+        return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+
+    def load_export_state(self, model: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
+        model.load_state_dict(tensors)
+
+
+class NativeFamily(_Family):
     """This project's decoder LM (sparsemixer_ds.model.MoELM) with DeepSpeed's MoE layers."""
     name = "native"
     shape_keys = ("model.family", "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
@@ -157,14 +209,8 @@ class NativeFamily:
     def check_resume(self, checkpoint: Path, saved: RunConfig, cfg: RunConfig, ds: dict, world: int) -> None:
         """DeepSpeed's MoE checkpoints (ZeRO 0-2, each expert in a file of its own) load onto any layout."""
 
-    def export_state(self, model: nn.Module) -> Dict[str, torch.Tensor]:
-        return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
 
-    def load_export_state(self, model: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
-        model.load_state_dict(tensors)
-
-
-class HFFamily:
+class HFFamily(_Family):
     """A Hugging Face MoE model under AutoEP with SparseMixer routers (sparsemixer_ds.hf)."""
     name = "hf"
     # The HF config fixes every weight's shape; the router adds omega (midpoint) or not.
@@ -235,11 +281,13 @@ class HFFamily:
         from . import hf
         return hf_cost(cfg, hf.hf_config(cfg))
 
-    def export_state(self, model: nn.Module) -> Dict[str, torch.Tensor]:
-        return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    def _init_source(self, cfg: RunConfig, path: Path) -> InitSource:
+        from .hf_checkpoint import init_source
+        return init_source(cfg, path)
 
-    def load_export_state(self, model: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
-        model.load_state_dict(tensors)
+    def load_init_weights(self, model: nn.Module, source: InitSource) -> None:
+        from .hf_checkpoint import load_init_weights
+        load_init_weights(model, source)
 
 
 FAMILIES: Dict[str, ModelFamily] = {family.name: family for family in (NativeFamily(), HFFamily())}

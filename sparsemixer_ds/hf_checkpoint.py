@@ -42,18 +42,19 @@ Shape legend: E experts, M model dim, I expert hidden dim.
 import json
 import shutil
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
 from .config import ConfigError, RunConfig
+from .families import InitSource
 from .data import EOS_TOKEN, BpeTokenizer, ByteTokenizer, read_meta
 from .mixture import tokenizer_dir
 from .rundir import RunDir
 
-__all__ = ["export_hf", "hf_state_dict", "routing_notes", "write_tokenizer", "byte_level_tokenizer", "InitSource",
-           "check_init_from", "load_init_weights", "SHAPE_FIELDS"]
+__all__ = ["export_hf", "hf_state_dict", "routing_notes", "write_tokenizer", "byte_level_tokenizer", "init_source",
+           "load_init_weights", "SHAPE_FIELDS"]
 
 # HF config fields that fix the shape of some weight of a supported model (the families of sparsemixer_ds.hf).
 # A checkpoint loads into a run only if each that either config has is the same in both.
@@ -265,12 +266,6 @@ def write_tokenizer(data_dir: Path, out_dir: Path, max_length: int) -> None:
 
 # --------------------------------------------------------------------------------------------- import
 
-class InitSource(NamedTuple):
-    """A checked --init-from directory."""
-    path: str  # absolute
-    notes: tuple  # fields that differ without changing a shape (the run's values apply)
-
-
 def _read_config_json(path: Path) -> dict:
     config_path = path / "config.json"
     if not config_path.is_file():
@@ -285,20 +280,13 @@ def _read_config_json(path: Path) -> dict:
     return values
 
 
-def check_init_from(cfg: RunConfig, path, resume) -> InitSource:
-    """Check before any work that the run ``cfg`` (model.vocab_size filled in) can start from the HF
-    model directory ``path``: family hf, no --resume, config.json and safetensors weights there, the
+def init_source(cfg: RunConfig, path: Path) -> InitSource:
+    """Check before any work that the hf-family run ``cfg`` (model.vocab_size filled in) can start from the HF
+    model directory ``path`` (``HFFamily.check_init_from``): config.json and safetensors weights there, the
     same model_type, and every field of SHAPE_FIELDS equal. The ConfigError names what differs."""
     from . import hf
 
-    if resume:
-        raise ConfigError(f"--init-from {path} starts a new run from a Hugging Face checkpoint and --resume continues "
-                          "run_dir's own checkpoints; pass only one of them (a run started with --init-from resumes "
-                          "with --resume alone)")
-    if cfg.model.family != "hf":
-        raise ConfigError(f"--init-from {path}: model.family is {cfg.model.family!r}; only model.family hf runs start "
-                          "from a Hugging Face checkpoint (set model.family: hf and model.hf_config to the directory)")
-    path = Path(path).resolve()
+    path = path.resolve()
     if not path.is_dir():
         raise ConfigError(f"--init-from {path}: not a directory; give a Hugging Face model directory")
     values = _read_config_json(path)

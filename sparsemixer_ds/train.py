@@ -26,14 +26,12 @@ from tqdm import tqdm
 from .comm import discover_mpi, init_distributed
 from .config import ConfigError, RunConfig, RunError, load_ds_config, total_steps
 from .data import open_split
-from .families import get_family
+from .families import InitSource, get_family
 from .flops import peak_flops
-from .hf_checkpoint import InitSource, check_init_from, load_init_weights
 from .machine import check_memory, check_precision
 from .metrics import Metrics, Throughput, Utilisation, all_mean
 from .mixture import Mixture, check_sources, data_sources, validation_sets
 from .optim import apply_schedule, make_adamw, make_schedule
-from .routing.estimator import check_impl
 from .rundir import RunDir, TagState, tag_name
 from .runlock import RunLock, check_lock, launch_token
 from .stop import StopRequest, Stopped
@@ -102,7 +100,7 @@ def evaluate(model, val: Union[ValidationSets, List[Batch]], seed: int, step: in
     return result
 
 
-class Plan(NamedTuple):
+class Preflight(NamedTuple):
     """What pre-flight checks settled before any rank does work."""
     ds_config: dict
     resume_tag: Optional[str]
@@ -111,7 +109,7 @@ class Plan(NamedTuple):
     init_from: Optional[InitSource] = None  # --init-from: the HF checkpoint the weights start from
 
 
-def preflight(cfg: RunConfig, world: int, resume: Union[bool, str], init_from: Optional[str] = None) -> Plan:
+def preflight(cfg: RunConfig, world: int, resume: Union[bool, str], init_from: Optional[str] = None) -> Preflight:
     """Every check that needs files but no processes: run by each rank before training, and by
     ``sparsemixer-ds check`` before a launch script starts any rank. Fills in model.vocab_size.
     ``resume``: False, True (the newest intact checkpoint) or a tag (exactly that one, --resume-tag);
@@ -124,12 +122,9 @@ def preflight(cfg: RunConfig, world: int, resume: Union[bool, str], init_from: O
     ds_config = load_ds_config(Path(cfg.ds_config), cfg, world)
     ds_config.update(family.ds_config(cfg, ds_config, cfg.ds_config))
     check_precision(ds_config, cfg.ds_config)
-    try:
-        check_impl(cfg.moe.routing_impl, torch.device(get_accelerator().device_name()))
-    except ValueError as err:
-        raise ConfigError(f"moe.{err}") from None
+    family.check_routing(cfg, torch.device(get_accelerator().device_name()))
     cfg.model.vocab_size = check_sources(cfg)
-    source = check_init_from(cfg, init_from, resume) if init_from is not None else None
+    source = family.check_init_from(cfg, init_from, resume) if init_from is not None else None
     if source is not None and (not dist.is_initialized() or dist.get_rank() == 0):
         for line in source.notes:
             print(f"--init-from: {line}", file=sys.stderr, flush=True)
@@ -145,14 +140,14 @@ def preflight(cfg: RunConfig, world: int, resume: Union[bool, str], init_from: O
         for line in run.notes(resume_tag) + [f"--resume: {change}" for change in changes]:
             print(line, file=sys.stderr, flush=True)
     run.fill_monitor_paths(ds_config)
-    return Plan(ds_config, resume_tag, tuple(run.verified.values()), tuple(changes), source)
+    return Preflight(ds_config, resume_tag, tuple(run.verified.values()), tuple(changes), source)
 
 
 class Trainer:
     """One run on this rank: its data, model and DeepSpeed engine, run directory and metrics, and the
     steps of the loop in ``train``."""
 
-    def __init__(self, cfg: RunConfig, plan: Plan) -> None:
+    def __init__(self, cfg: RunConfig, checked: Preflight) -> None:
         self.cfg, t = cfg, cfg.train
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.batches, self.val_batches = loaders(cfg, self.rank, self.world)
@@ -161,12 +156,12 @@ class Trainer:
         # MFU's denominator: measured by every rank at once (CPU ranks share the cores, as in training).
         self.cost = get_family(cfg).cost(cfg)
         device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
-        self.peak = peak_flops(cfg, plan.ds_config, device)
+        self.peak = peak_flops(cfg, checked.ds_config, device)
         if self.rank == 0:
-            self.run.write_configs(cfg, plan.ds_config, {
+            self.run.write_configs(cfg, checked.ds_config, {
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "world_size": self.world,
-                "resumed_from": plan.resume_tag, "changes": list(plan.changes),
-                "init_from": plan.init_from and plan.init_from.path, "flops_per_token": self.cost.flops_per_token,
+                "resumed_from": checked.resume_tag, "changes": list(checked.changes),
+                "init_from": checked.init_from and checked.init_from.path, "flops_per_token": self.cost.flops_per_token,
                 "peak_tflops": self.peak.flops / 1e12, "peak": self.peak.source})
         print(f"[rank {self.rank}/{self.world}] host {socket.gethostname()}, local rank "
               f"{os.environ.get('LOCAL_RANK', '0')}, expert-parallel group {self.rank // cfg.moe.ep_size} of size "
@@ -174,11 +169,12 @@ class Trainer:
 
         self.total = total_steps(cfg, self.world)
         torch.manual_seed(t.seed)  # the same initial weights on every rank
-        model = get_family(cfg).build(cfg)
-        self.init_from = plan.init_from
+        family = get_family(cfg)
+        model = family.build(cfg)
+        self.init_from = checked.init_from
         if self.init_from is not None:  # before deepspeed.initialize: AutoEP repacks the loaded experts
-            load_init_weights(model, self.init_from)
-        ds = plan.ds_config
+            family.load_init_weights(model, self.init_from)
+        ds = checked.ds_config
         mixed = any(ds.get(key, {}).get("enabled") for key in ("bf16", "fp16"))
         stage0 = ds.get("zero_optimization", {}).get("stage", 0) == 0
         # Given as callables, which DeepSpeed calls after AutoEP (family hf) has replaced the MoE blocks:
@@ -331,11 +327,11 @@ def train(cfg: RunConfig, resume: Union[bool, str] = False, init_from: Optional[
     request = StopRequest(cfg.train.stop_grace_s, dist.get_rank())
     lock = RunLock(cfg.run_dir, launch_token(), "rank 0 of sparsemixer-ds train")
     try:
-        plan = preflight(cfg, dist.get_world_size(), resume, init_from)
+        checked = preflight(cfg, dist.get_world_size(), resume, init_from)
         if dist.get_rank() == 0:
             lock.acquire().keep_fresh()  # the launch script's lock passes to the run, or a bare launch takes it
-        trainer = Trainer(cfg, plan)
-        for step in range(trainer.begin(plan.resume_tag), trainer.total):
+        trainer = Trainer(cfg, checked)
+        for step in range(trainer.begin(checked.resume_tag), trainer.total):
             done = step + 1
             watchdog.mark(done, "train step")
             log_now = trainer.due(cfg.logging.interval, done)

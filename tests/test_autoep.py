@@ -330,5 +330,5 @@ def test_midpoint_adds_omega_before_initialize_and_routers_need_the_autoep_layer
             attempt()
     with pytest.raises(autoep.AutoEPError, match="already called"):
         autoep.use_sparsemixer(model, {"expert_parallel": PHIMOE_EP})
-    with pytest.raises(autoep.AutoEPError, match="no SparseMixer plan"):
+    with pytest.raises(autoep.AutoEPError, match="no SparseMixer blocks"):
         autoep.install_routers(phimoe())
