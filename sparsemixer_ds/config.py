@@ -14,7 +14,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -436,6 +436,31 @@ _OWNED_BATCH_KEYS = {
 
 # The blocks of a DeepSpeed JSON that are read here, by the model families and by the trainer.
 _BLOCKS = {"zero_optimization": '{"stage": 2}', "bf16": '{"enabled": true}', "fp16": '{"enabled": true}'}
+PRECISIONS = ("bf16", "fp16")  # the mixed precisions a DeepSpeed JSON can enable; neither: fp32
+
+
+@dataclass(frozen=True)
+class DSSettings:
+    """What this project reads of a DeepSpeed JSON, typed: the one place that probes the dict's blocks."""
+    precision: str  # "bf16", "fp16" or "fp32" (neither enabled)
+    zero_stage: int  # zero_optimization.stage, 0 without the block
+    offloaded: Tuple[str, ...]  # what ZeRO offloads to the CPU or NVMe: "optimizer", "weights"
+    micro_batch: int  # train_micro_batch_size_per_gpu (0 where unset: load_ds_config sets it)
+    grad_accum: int  # gradient_accumulation_steps (1 where unset)
+
+    @property
+    def mixed(self) -> bool:
+        """Mixed precision: bf16 or fp16 weights with fp32 master weights in the optimizer."""
+        return self.precision != "fp32"
+
+    @classmethod
+    def of(cls, ds: dict) -> "DSSettings":
+        zero = ds.get("zero_optimization", {})
+        offloaded = tuple(part for part, key in (("optimizer", "offload_optimizer"), ("weights", "offload_param"))
+                          if zero.get(key, {}).get("device", "none") in ("cpu", "nvme"))
+        precision = next((key for key in PRECISIONS if ds.get(key, {}).get("enabled")), "fp32")
+        return cls(precision, zero.get("stage", 0), offloaded, ds.get("train_micro_batch_size_per_gpu", 0),
+                   ds.get("gradient_accumulation_steps", 1))
 
 
 def load_ds_config(path: Path, cfg: RunConfig, world_size: int) -> dict:

@@ -41,7 +41,7 @@ import torch
 from deepspeed.moe.utils import is_moe_param
 from torch import nn
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, DSSettings, RunConfig
 from .flops import ModelCost, hf_cost, native_cost
 from .model import LMOutput, MoELM
 from .routing.core import RoutingStats
@@ -91,8 +91,8 @@ def training_state(dense: int, expert: int, ds: dict, world: int, ep_size: int) 
     over the data-parallel ranks: all ``world`` ranks for the dense parameters, ``world / ep_size``
     for the experts (each expert lives on that many ranks).
     """
-    mixed = any(ds.get(key, {}).get("enabled") for key in ("bf16", "fp16"))
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    settings = DSSettings.of(ds)
+    mixed, stage = settings.mixed, settings.zero_stage
     width = 2 if mixed else 4
     adam = 8 + (4 if mixed or stage >= 1 else 0)
 
@@ -188,7 +188,7 @@ class NativeFamily(_Family):
         return cfg.moe.num_experts
 
     def ds_config(self, cfg: RunConfig, ds: dict, source: str) -> dict:
-        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        stage = DSSettings.of(ds).zero_stage
         if stage not in (0, 1, 2):
             raise ConfigError(f"{source}: zero_optimization.stage={stage!r}; DeepSpeed's MoE layers work with ZeRO "
                               "stages 0, 1 and 2 only")
@@ -252,7 +252,7 @@ class HFFamily(_Family):
         here, before any rank starts, rather than by every rank after it has built the model. Checkpoints
         saved under ZeRO 0-2 (each expert in a file of its own) resume onto any layout."""
         partitions = len(list(checkpoint.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")))
-        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        stage = DSSettings.of(ds).zero_stage
         if not partitions:
             if stage == 3:
                 raise ConfigError(f"--resume: {checkpoint.name} was saved under ZeRO stage 0-2, and DeepSpeed's AutoEP "

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, DSSettings, RunConfig
 
 __all__ = ["ModelCost", "native_cost", "hf_cost", "Peak", "training_dtype", "measure_peak",
            "peak_flops"]
@@ -154,11 +154,7 @@ class Peak(NamedTuple):
 
 def training_dtype(ds: dict) -> torch.dtype:
     """The dtype the DS JSON ``ds`` trains the matmuls in: bf16 or fp16 if enabled, else fp32."""
-    if ds.get("bf16", {}).get("enabled"):
-        return torch.bfloat16
-    if ds.get("fp16", {}).get("enabled"):
-        return torch.float16
-    return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[DSSettings.of(ds).precision]
 
 
 def measure_peak(device: torch.device, dtype: torch.dtype, size: int = 0, repeats: int = 5) -> Peak:

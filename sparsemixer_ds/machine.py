@@ -8,13 +8,12 @@ import os
 
 from deepspeed.accelerator import get_accelerator
 
-from .config import ConfigError
+from .config import PRECISIONS, ConfigError, DSSettings
 from .families import MemoryEstimate
 
 __all__ = ["check_precision", "rank_memory", "check_memory"]
 
 GiB = 1024**3
-PRECISIONS = ("bf16", "fp16")
 
 
 def check_precision(ds: dict, source: str) -> None:
@@ -22,14 +21,14 @@ def check_precision(ds: dict, source: str) -> None:
     train in it: DeepSpeed would refuse it too, but only in ``deepspeed.initialize``, after every rank
     has started."""
     accelerator = get_accelerator()
-    supported = {"bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported()}
-    for key in PRECISIONS:
-        if ds.get(key, {}).get("enabled") and not supported[key]:
-            usable = [other for other in PRECISIONS if supported[other]]
-            alternative = f"enable {usable[0]} instead or " if usable else ""
-            raise ConfigError(f"{source}: '{key}.enabled' is true, but DeepSpeed's {accelerator.device_name()} "
-                              f"accelerator cannot train in {key} on this machine; {alternative}remove the '{key}' "
-                              f"block (fp32), or run on a machine whose accelerator supports {key}")
+    supported = {"bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported(), "fp32": True}
+    key = DSSettings.of(ds).precision
+    if not supported[key]:
+        usable = [other for other in PRECISIONS if supported[other]]
+        alternative = f"enable {usable[0]} instead or " if usable else ""
+        raise ConfigError(f"{source}: '{key}.enabled' is true, but DeepSpeed's {accelerator.device_name()} "
+                          f"accelerator cannot train in {key} on this machine; {alternative}remove the '{key}' "
+                          f"block (fp32), or run on a machine whose accelerator supports {key}")
 
 
 def _gib(n: float) -> str:

@@ -28,7 +28,7 @@ import json
 from pathlib import Path
 from typing import List, NamedTuple, Tuple
 
-from .config import ConfigError, RunConfig, load_ds_config
+from .config import ConfigError, DSSettings, RunConfig, load_ds_config
 from .families import MemoryEstimate, get_family
 from .flops import ModelCost, training_dtype
 from .mixture import tokenizer_dir
@@ -131,9 +131,7 @@ def make_plan(cfg: RunConfig, world: int, device_memory: int) -> MemoryPlan:
     ds.update(family.ds_config(cfg, ds, cfg.ds_config))
     cost = family.cost(cfg)
     state = family.memory_estimate(cfg, ds, world)
-    zero = ds.get("zero_optimization", {})
-    offloaded = tuple(part for part, key in (("optimizer", "offload_optimizer"), ("weights", "offload_param"))
-                      if zero.get(key, {}).get("device", "none") in ("cpu", "nvme"))
+    offloaded = DSSettings.of(ds).offloaded
     width = training_dtype(ds).itemsize
     t = cfg.train
     # Capacity slots per route: the native layer pads each expert to capacity when it drops tokens;

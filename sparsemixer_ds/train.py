@@ -24,7 +24,7 @@ from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
 from .comm import discover_mpi, init_distributed
-from .config import ConfigError, RunConfig, RunError, load_ds_config, total_steps
+from .config import ConfigError, DSSettings, RunConfig, RunError, load_ds_config, total_steps
 from .data import open_split
 from .families import InitSource, get_family
 from .flops import peak_flops
@@ -175,12 +175,12 @@ class Trainer:
         if self.init_from is not None:  # before deepspeed.initialize: AutoEP repacks the loaded experts
             family.load_init_weights(model, self.init_from)
         ds = checked.ds_config
-        mixed = any(ds.get(key, {}).get("enabled") for key in ("bf16", "fp16"))
-        stage0 = ds.get("zero_optimization", {}).get("stage", 0) == 0
+        settings = DSSettings.of(ds)
+        plain = settings.zero_stage == 0 and not settings.mixed
         # Given as callables, which DeepSpeed calls after AutoEP (family hf) has replaced the MoE blocks:
         # the groups then hold the parameters the model trains, AutoEP's experts in groups of their own.
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, config=ds, optimizer=lambda _params: make_adamw(model, cfg, guarded=stage0 and not mixed),
+            model=model, config=ds, optimizer=lambda _params: make_adamw(model, cfg, guarded=plain),
             lr_scheduler=lambda optimizer: make_schedule(optimizer, cfg, self.total))
         if t.compile:
             # torch.compile with the accelerator's backend (inductor), after AutoEP (hf) has put its layers in: the

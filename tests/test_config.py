@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from sparsemixer_ds.config import (ConfigError, RunConfig, config_dict, config_from_dict, load_config, load_ds_config,
-                                   total_steps)
+from sparsemixer_ds.config import (ConfigError, DSSettings, RunConfig, config_dict, config_from_dict, load_config,
+                                   load_ds_config, total_steps)
 from sparsemixer_ds.routing.registry import ROUTERS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -130,3 +130,16 @@ def test_token_budget_sets_the_steps():
     cfg = load_config(None, ["train.tokens=100000", "train.micro_batch=4", "model.seq_len=64"])
     assert total_steps(cfg, world_size=2) == -(-100000 // (4 * 1 * 2 * 64))
     assert total_steps(load_config(None, ["train.steps=5"]), world_size=8) == 5
+
+
+@pytest.mark.parametrize("ds, want", [
+    ({}, ("fp32", 0, (), False)),
+    ({"bf16": {"enabled": True}, "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}},
+     ("bf16", 3, ("weights",), True)),
+    ({"fp16": {"enabled": True}, "bf16": {"enabled": False},
+      "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme"}, "offload_param": {"device": "none"}}},
+     ("fp16", 2, ("optimizer",), True)),
+])
+def test_the_deepspeed_json_is_read_into_one_typed_view(ds, want):
+    settings = DSSettings.of(ds)
+    assert (settings.precision, settings.zero_stage, settings.offloaded, settings.mixed) == want
