@@ -26,10 +26,10 @@ if not torch.cuda.is_available():
 
 import deepspeed  # noqa: E402
 
-from sparsemixer_ds import autoep  # noqa: E402
-from sparsemixer_ds.comm import exit_rank, init_distributed  # noqa: E402
+from sparsemixer_ds.models import autoep  # noqa: E402
+from sparsemixer_ds.run.comm import exit_rank, init_distributed  # noqa: E402
 from sparsemixer_ds.config import RunConfig, load_config  # noqa: E402
-from sparsemixer_ds.families import get_family  # noqa: E402
+from sparsemixer_ds.models.families import get_family  # noqa: E402
 from sparsemixer_ds.testing import interleaved_samples  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def engine_for(cfg: RunConfig, zero: int, own_router: bool = False):
     torch.manual_seed(0)
     if own_router:
         from transformers import AutoModelForCausalLM
-        from sparsemixer_ds import hf
+        from sparsemixer_ds.models import hf
         model = AutoModelForCausalLM.from_config(hf.hf_config(cfg))
     else:
         model = family.build(cfg)

@@ -25,10 +25,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from sparsemixer_ds.config import load_config, total_steps  # noqa: E402
-from sparsemixer_ds.data import eval_batches, model_vocab_size, open_split  # noqa: E402
-from sparsemixer_ds.mixture import Mixture  # noqa: E402
-from sparsemixer_ds.families import get_family  # noqa: E402
-from sparsemixer_ds.optim import build_optimizer  # noqa: E402
+from sparsemixer_ds.data.loader import eval_batches
+from sparsemixer_ds.data.prepared import model_vocab_size, open_split  # noqa: E402
+from sparsemixer_ds.data.loader import Mixture  # noqa: E402
+from sparsemixer_ds.models.families import get_family  # noqa: E402
+from sparsemixer_ds.run.optim import build_optimizer  # noqa: E402
 from sparsemixer_ds.routing.registry import ROUTERS  # noqa: E402
 from sparsemixer_ds.testing import TINY  # noqa: E402
 from sparsemixer_ds.train import evaluate, step_seed  # noqa: E402

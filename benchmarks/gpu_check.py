@@ -36,8 +36,8 @@ if not torch.cuda.is_available():
 import gate  # noqa: E402  benchmarks/gate.py
 
 from sparsemixer_ds.config import load_config  # noqa: E402
-from sparsemixer_ds.flops import measure_peak  # noqa: E402
-from sparsemixer_ds.metrics import read_metrics  # noqa: E402
+from sparsemixer_ds.models.flops import measure_peak  # noqa: E402
+from sparsemixer_ds.run.metrics import read_metrics  # noqa: E402
 from sparsemixer_ds.plan import GiB, make_plan  # noqa: E402
 
 

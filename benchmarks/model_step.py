@@ -20,8 +20,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from sparsemixer_ds.config import load_config  # noqa: E402
-from sparsemixer_ds.families import get_family  # noqa: E402
-from sparsemixer_ds.moe import SparseMixerMoE  # noqa: E402
+from sparsemixer_ds.models.families import get_family  # noqa: E402
+from sparsemixer_ds.models.moe import SparseMixerMoE  # noqa: E402
 from sparsemixer_ds.routing.registry import main_routers  # noqa: E402
 from sparsemixer_ds.testing import TINY, time_interleaved  # noqa: E402
 

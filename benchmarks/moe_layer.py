@@ -21,8 +21,8 @@ if not torch.cuda.is_available():
 from deepspeed.moe.layer import MoE  # noqa: E402
 
 from sparsemixer_ds import convert  # noqa: E402
-from sparsemixer_ds.comm import exit_rank, init_distributed  # noqa: E402
-from sparsemixer_ds.model import feed_forward  # noqa: E402
+from sparsemixer_ds.run.comm import exit_rank, init_distributed  # noqa: E402
+from sparsemixer_ds.models.native import feed_forward  # noqa: E402
 from sparsemixer_ds.routing.registry import ROUTERS  # noqa: E402
 from sparsemixer_ds.testing import time_interleaved  # noqa: E402
 

@@ -13,8 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from sparsemixer_ds.data import default_corpus, prepare
-from sparsemixer_ds.prepare import default_workers
+from sparsemixer_ds.data.corpus import default_corpus
+from sparsemixer_ds.data.prepare import prepare
+from sparsemixer_ds.data.prepare import default_workers
 
 
 def make_inputs(files: list, root: Path) -> dict:

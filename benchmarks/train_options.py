@@ -64,7 +64,7 @@ def run_config(family: str, overrides: list):
 
 
 def world_of_one() -> None:
-    from sparsemixer_ds.comm import init_distributed
+    from sparsemixer_ds.run.comm import init_distributed
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(free_port()))
     init_distributed(verbose=False)
@@ -74,8 +74,8 @@ def engine_for(cfg):
     """The trainer's engine for ``cfg``: its model, DS JSON, AdamW, and engine.compile() with train.compile."""
     import deepspeed
     from sparsemixer_ds.config import load_ds_config
-    from sparsemixer_ds.families import get_family
-    from sparsemixer_ds.optim import make_adamw
+    from sparsemixer_ds.models.families import get_family
+    from sparsemixer_ds.run.optim import make_adamw
     family = get_family(cfg)
     ds = load_ds_config(REPO / cfg.ds_config, cfg, 1)
     ds.pop("csv_monitor", None)  # no monitor files from a benchmark
@@ -154,7 +154,7 @@ def graph_breaks(overrides: list) -> list:
     the counts, then each break's reason and where (the two innermost frames of the user stack). The hf
     family is not explained whole: it compiles per decoder layer with the AutoEP layer left eager
     (compile.autoep_non_moe), because on the CPU torch._grouped_mm's fake kernel refuses float32."""
-    from sparsemixer_ds.families import get_family
+    from sparsemixer_ds.models.families import get_family
     cfg = run_config("native", overrides)
     torch.manual_seed(0)
     model = get_family(cfg).build(cfg)

@@ -190,7 +190,7 @@ preflight() {
 
 # run_cmd CMD...: print it (--dry-run) or run it to its end. TERM, INT or HUP to this script (preemption,
 # Ctrl-C, a closed terminal) reaches the job's ranks as SIGTERM: each finishes its step, saves a checkpoint
-# and exits (sparsemixer_ds/stop.py), and the script exits with the launcher's code once they have; where
+# and exits (sparsemixer_ds/run/stop.py), and the script exits with the launcher's code once they have; where
 # the ranks are not this script's descendants (srun's tasks, pdsh's remote nodes) the launcher passes it on.
 run_cmd() {
   if [[ $DRY_RUN == 1 ]]; then

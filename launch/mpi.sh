@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # MPI: mpirun starts every rank; mpi4py tells each its rank, world size and local rank (see
-# sparsemixer_ds.comm.discover_mpi). With --via-deepspeed, DeepSpeed's own `--launcher openmpi`
+# sparsemixer_ds.run.comm.discover_mpi). With --via-deepspeed, DeepSpeed's own `--launcher openmpi`
 # builds the mpirun command from the hostfile instead.
 set -euo pipefail
 LAUNCH_NAME=launch/mpi.sh

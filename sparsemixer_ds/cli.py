@@ -18,7 +18,7 @@ from .config import ConfigError, RunError
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from .data import prepare
+    from .data.prepare import prepare
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be >= 1 (processes that read and tokenize); got {args.workers}")
     meta = prepare(args.inputs or None, Path(args.out), tokenizer=args.tokenizer, vocab_size=args.vocab_size,
@@ -35,9 +35,10 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from deepspeed import comm as dist
+
     from .config import load_config
     from .train import summary, train
-    from deepspeed import comm as dist
     cfg = load_config(Path(args.config) if args.config else None, args.set)
     last = train(cfg, resume=args.resume_tag or args.resume, init_from=args.init_from)
     if dist.get_rank() == 0:
@@ -46,12 +47,12 @@ def _train(args: argparse.Namespace) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     from .config import load_config, total_steps
-    from .families import get_family
+    from .models.families import get_family
     from .train import preflight
     if args.world_size < 1:
         raise ConfigError(f"--world-size must be >= 1 (the ranks the launch will start); got {args.world_size}")
     if args.master_port is not None:
-        from .comm import check_master_port, is_this_host
+        from .run.comm import check_master_port, is_this_host
         if not 1 <= args.master_port <= 65535:
             raise ConfigError(f"--master-port must be a TCP port, 1 to 65535; got {args.master_port}")
         if is_this_host(args.master_addr):  # rank 0 listens there; another host's ports are not visible here
@@ -59,19 +60,19 @@ def _check(args: argparse.Namespace) -> None:
     cfg = load_config(Path(args.config) if args.config else None, args.set)
     checked = preflight(cfg, args.world_size, args.resume_tag or args.resume, init_from=args.init_from)
     if checked.resume_tag is not None:
-        from .rundir import RunDir
+        from .run.rundir import RunDir
         run = RunDir(cfg.run_dir)
         run.verified.update((state.tag, state) for state in checked.checkpoints)
         print(run.listing(checked.resume_tag))
     if args.lock:
-        from .runlock import RunLock, launch_token
+        from .run.runlock import RunLock, launch_token
         lock = RunLock(cfg.run_dir, launch_token(), "launch script", pid=os.getppid()).acquire()
         print(f"lock: {lock.path}")
     print(f"ok: {args.world_size} ranks, {args.world_size // cfg.moe.ep_size} expert-parallel group(s) of "
           f"{cfg.moe.ep_size}, {get_family(cfg).experts_per_layer(cfg)} experts per MoE layer, {total_steps(cfg, args.world_size)} "
           f"steps, run_dir {cfg.run_dir}")
     if cfg.data.sources:
-        from .mixture import data_sources
+        from .data.loader import data_sources
         sources = data_sources(cfg)
         total = sum(source.weight for source in sources)
         print("data: " + ", ".join(f"{source.name} {source.weight / total:.1%} ({source.path})" for source in sources))
@@ -89,7 +90,7 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from .rundir import RunDir
+    from .run.rundir import RunDir
     family = RunDir(args.run).saved_config().model.family if Path(args.run, "config.yaml").is_file() else None
     if args.format is None:  # a Hugging Face model goes out as one, this project's own as one file
         args.format = "hf" if family == "hf" else "safetensors"
@@ -97,7 +98,7 @@ def _export(args: argparse.Namespace) -> None:
         raise ConfigError(f"--format safetensors: {args.run} trained a Hugging Face model (model.family hf); export "
                           "it with --format hf, a directory transformers' from_pretrained loads")
     if args.format == "hf":
-        from .hf_checkpoint import export_hf
+        from .models.hf_checkpoint import export_hf
         for note in export_hf(Path(args.run), Path(args.out), tag=args.tag):
             print(f"note: {note}", file=sys.stderr)
         print(f"wrote {args.out} (transformers: AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained)")
@@ -119,10 +120,11 @@ def _generate(args: argparse.Namespace) -> None:
                           f"distribution); got {args.temperature}")
     if args.top_k < 0:
         raise ConfigError(f"--top-k must be >= 0 (0: sample among all tokens); got {args.top_k}")
-    from .data import BpeTokenizer, ByteTokenizer, tokenizer_record
-    from .mixture import tokenizer_dir
+    from .data.loader import tokenizer_dir
+    from .data.prepared import tokenizer_record
+    from .data.tokenizer import BpeTokenizer, ByteTokenizer
     from .export import load_checkpoint_model, load_export
-    from .model import sample
+    from .models.native import sample
     if args.export and Path(args.export).is_dir():
         raise ConfigError(f"--export {args.export} is a directory: a Hugging Face export (export --format hf), "
                           "which transformers samples from (AutoModelForCausalLM.from_pretrained(DIR).generate); "
@@ -249,5 +251,5 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from .comm import exit_rank
+    from .run.comm import exit_rank
     exit_rank(main())  # how a rank started as python -m sparsemixer_ds.cli ends (see exit_rank)

@@ -31,7 +31,7 @@ class RunError(RuntimeError):
 
 @dataclass
 class ModelConfig:
-    family: str = "native"  # which kind of model (sparsemixer_ds.families): native = this project's decoder LM
+    family: str = "native"  # which kind of model (sparsemixer_ds.models.families): native = this project's decoder LM
     vocab_size: int = 0  # 0: take it from the prepared data's meta.json
     d_model: int = 128  # M, the residual width
     n_layers: int = 4
@@ -40,7 +40,7 @@ class ModelConfig:
     positions: str = "rotary"  # rotary | learned
     ffn_hidden: int = 512  # hidden width of the dense FFN blocks
     dropout: float = 0.0
-    # family hf (sparsemixer_ds.hf): the Hugging Face config, inline (model_type and its fields) or a
+    # family hf (sparsemixer_ds.models.hf): the Hugging Face config, inline (model_type and its fields) or a
     # local config.json (or a directory holding one); the native fields above are then not used.
     hf: Dict[str, Any] = field(default_factory=dict)
     hf_config: str = ""
@@ -89,7 +89,7 @@ DEFAULT_DATA_PATH = "data/stdlib-bytes"
 class DataConfig:
     path: str = DEFAULT_DATA_PATH  # a directory written by `sparsemixer-ds prepare`
     # A weighted mixture of prepared directories (sharing one tokenizer) instead of data.path:
-    # [{path: data/code, weight: 3}, {path: data/web, weight: 1, name: web}] (sparsemixer_ds.mixture).
+    # [{path: data/code, weight: 3}, {path: data/web, weight: 1, name: web}] (sparsemixer_ds.data.loader).
     sources: List[SourceConfig] = field(default_factory=list)
 
 
@@ -343,7 +343,7 @@ def validate(cfg: RunConfig) -> None:
     _validate_data(cfg.data)
     _require(m.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 takes it from the data); got {m.vocab_size}")
     _require(moe.router in ROUTERS, f"moe.router must be one of {', '.join(ROUTERS)}; got {moe.router!r}")
-    if m.family == "native":  # family hf: the HF config holds the architecture, checked in sparsemixer_ds.hf
+    if m.family == "native":  # family hf: the HF config holds the architecture, checked in sparsemixer_ds.models.hf
         _require(m.d_model % m.n_heads == 0,
                  f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
         _require(m.positions in ("rotary", "learned"),

@@ -16,13 +16,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .checksums import ALGORITHM, tensor_digest
-from .comm import single_process_group
 from .config import ConfigError, RunConfig, config_dict, config_from_dict
-from .data import tokenizer_record
-from .mixture import tokenizer_dir
-from .families import get_family
-from .rundir import RunDir
+from .data.loader import tokenizer_dir
+from .data.prepared import tokenizer_record
+from .models.families import get_family
+from .run.checksums import ALGORITHM, tensor_digest
+from .run.comm import single_process_group
+from .run.rundir import RunDir
 
 EXPORT_FORMAT = "sparsemixer_ds.export/2"
 
@@ -59,6 +59,7 @@ def _load_zero3_weights(module: torch.nn.Module, checkpoint_dir: Path) -> None:
     import contextlib
     import sys
     import tempfile
+
     from deepspeed.checkpoint.ds_to_universal import main as to_universal
 
     missing = []

@@ -1,7 +1,7 @@
 """``sparsemixer-ds plan``: what one rank of a run will hold and move, from the configs alone.
 
 No run starts, the run directory is not touched and the data need not exist: the planner reads the
-run config and the DS JSON and counts (sparsemixer_ds.flops for the model, families.training_state for
+run config and the DS JSON and counts (sparsemixer_ds.models.flops for the model, families.training_state for
 the training state). Per rank, in bytes:
 
 - weights, gradients, optimizer state: ``ModelFamily.memory_estimate`` (exact up to DeepSpeed's padding
@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import List, NamedTuple, Tuple
 
 from .config import ConfigError, DSSettings, RunConfig, load_ds_config
-from .families import MemoryEstimate, get_family
-from .flops import ModelCost, training_dtype
-from .mixture import tokenizer_dir
+from .data.loader import tokenizer_dir
+from .models.families import MemoryEstimate, get_family
+from .models.flops import ModelCost, training_dtype
 
 __all__ = ["MemoryPlan", "plan_vocab_size", "activations", "all_to_all_bytes", "make_plan", "format_plan", "check_fits", "GiB"]
 
@@ -76,7 +76,7 @@ def plan_vocab_size(cfg: RunConfig) -> str:
         cfg.model.vocab_size = int(json.loads(meta.read_text())["vocab_size"])
         return f"{meta}: vocab_size {cfg.model.vocab_size}"
     if cfg.model.family == "hf":
-        from . import hf
+        from .models import hf
         vocab = hf._fields(cfg).get("vocab_size")
         if vocab:
             return f"the HF config: vocab_size {vocab}"

@@ -4,7 +4,7 @@
 - ``free_port()``: a TCP port nothing listens on, for a job's rendezvous;
 - ``run_metrics(run_dir)``: the records of a run's metrics.jsonl;
 - ``time_interleaved(steps, repeats, device)``: median seconds per call of several functions run in turn.
-The expert MLP of tests and benchmarks is the model's own, ``sparsemixer_ds.model.feed_forward``.
+The expert MLP of tests and benchmarks is the model's own, ``sparsemixer_ds.models.native.feed_forward``.
 """
 import socket
 import statistics
@@ -14,8 +14,8 @@ from typing import Callable, Dict, List
 
 import torch
 
-from .metrics import read_metrics
-from .rundir import RunDir
+from .run.metrics import read_metrics
+from .run.rundir import RunDir
 
 __all__ = ["TINY", "free_port", "run_metrics", "interleaved_samples", "time_interleaved", "sync"]
 

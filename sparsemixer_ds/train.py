@@ -23,19 +23,19 @@ from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
-from .comm import discover_mpi, init_distributed
 from .config import ConfigError, DSSettings, RunConfig, RunError, load_ds_config, total_steps
-from .data import open_split
-from .families import InitSource, get_family
-from .flops import peak_flops
-from .machine import check_memory, check_precision
-from .metrics import Metrics, Throughput, Utilisation, all_mean
-from .mixture import Mixture, check_sources, data_sources, validation_sets
-from .optim import apply_schedule, make_adamw, make_schedule
-from .rundir import RunDir, TagState, tag_name
-from .runlock import RunLock, check_lock, launch_token
-from .stop import StopRequest, Stopped
-from .watchdog import Watchdog
+from .data.loader import Mixture, check_sources, data_sources, validation_sets
+from .data.prepared import open_split
+from .models.families import InitSource, get_family
+from .models.flops import peak_flops
+from .run.comm import discover_mpi, init_distributed
+from .run.machine import check_memory, check_precision
+from .run.metrics import Metrics, Throughput, Utilisation, all_mean
+from .run.optim import apply_schedule, make_adamw, make_schedule
+from .run.rundir import RunDir, TagState, tag_name
+from .run.runlock import RunLock, check_lock, launch_token
+from .run.stop import Stopped, StopRequest
+from .run.watchdog import Watchdog
 
 EVAL_STREAM = 1 << 30  # the seed stream of evaluations, apart from every micro-step's
 
@@ -114,7 +114,7 @@ def preflight(cfg: RunConfig, world: int, resume: Union[bool, str], init_from: O
     ``sparsemixer-ds check`` before a launch script starts any rank. Fills in model.vocab_size.
     ``resume``: False, True (the newest intact checkpoint) or a tag (exactly that one, --resume-tag);
     the checkpoint is verified here, and what was passed over is said once (rank 0, or check).
-    ``init_from``: a Hugging Face model directory to take the weights from (sparsemixer_ds.hf_checkpoint)."""
+    ``init_from``: a Hugging Face model directory to take the weights from (sparsemixer_ds.models.hf_checkpoint)."""
     family = get_family(cfg)
     if world % cfg.moe.ep_size:
         raise ConfigError(f"world size {world} is not divisible by moe.ep_size={cfg.moe.ep_size}; "
@@ -312,7 +312,7 @@ class Trainer:
     def finish(self) -> dict:
         self.progress.close()
         if self.rank == 0 and self.cfg.logging.plot:
-            from .plots import plot_run  # matplotlib only where a plot is drawn
+            from .run.plots import plot_run  # matplotlib only where a plot is drawn
             plot_run(self.run.metrics, self.run.plot)
         dist.barrier()
         return self.last

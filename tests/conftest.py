@@ -34,7 +34,7 @@ def launch_env() -> dict:
 @pytest.fixture
 def world_of_one():
     """A process group of one rank in this process, for deepspeed.initialize (AutoEP builds its layers in it)."""
-    from sparsemixer_ds.comm import single_process_group
+    from sparsemixer_ds.run.comm import single_process_group
     single_process_group()
 
 
@@ -89,7 +89,8 @@ def rank_pids(marker: str) -> dict:
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """A byte-level slice of the stdlib sources: big enough for a few dozen steps, quick to prepare."""
-    from sparsemixer_ds.data import default_corpus, prepare
+    from sparsemixer_ds.data.corpus import default_corpus
+    from sparsemixer_ds.data.prepare import prepare
     out = tmp_path_factory.mktemp("data") / "stdlib-slice"
     prepare([str(p) for p in default_corpus()[:60]], out, tokenizer="bytes", val_fraction=0.1, progress=False)
     return out

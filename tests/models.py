@@ -4,7 +4,7 @@ from deepspeed.moe.layer import MoE
 from torch import nn
 
 from sparsemixer_ds import SparseMixerMoE
-from sparsemixer_ds.model import feed_forward
+from sparsemixer_ds.models.native import feed_forward
 
 EXPERT_HIDDEN = 32  # the experts of these models: feed_forward(model_dim, EXPERT_HIDDEN)
 

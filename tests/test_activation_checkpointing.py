@@ -13,7 +13,7 @@ from conftest import REPO, run_metrics, set_args
 from test_hf_family import launch, write_config
 
 from sparsemixer_ds.config import load_config
-from sparsemixer_ds.families import get_family
+from sparsemixer_ds.models.families import get_family
 from sparsemixer_ds.routing.core import RoutingStats
 
 NATIVE = ["model.vocab_size=50", "model.d_model=32", "model.n_heads=2", "model.n_layers=4", "model.seq_len=16",
@@ -81,8 +81,9 @@ def test_native_checkpointed_step_equals_the_plain_one(router, k):
 
 def test_hf_phimoe_checkpointed_step_equals_the_plain_one(world_of_one):
     import deepspeed
-    from sparsemixer_ds import autoep
     from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from sparsemixer_ds.models import autoep
     modules = []
     for flag in (False, True):
         cfg = load_config(None, ["model.family=hf", f"model.hf={json.dumps(PHIMOE)}", "model.vocab_size=50",

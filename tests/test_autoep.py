@@ -1,4 +1,4 @@
-"""SparseMixer routers in DeepSpeed's AutoEP layers (sparsemixer_ds.autoep).
+"""SparseMixer routers in DeepSpeed's AutoEP layers (sparsemixer_ds.models.autoep).
 
 Two launches of tests/dist/autoep_check.py (ZeRO-2, ZeRO-3) on 2 CPU ranks with autoep_size 2 feed the
 distributed tests; each is checked against a one-process reference: Hugging Face's own PhiMoE, a
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from conftest import REPO, free_port, launch_env
 from transformers import AutoModelForCausalLM, MixtralConfig, PhimoeConfig, Qwen3MoeConfig
 
-from sparsemixer_ds import autoep
+from sparsemixer_ds.models import autoep
 from sparsemixer_ds.routing.estimator import sparsemixer
 from sparsemixer_ds.routing.registry import RouterOptions
 

@@ -11,7 +11,7 @@ from conftest import REPO, run_metrics, set_args
 from test_hf_family import launch
 
 from sparsemixer_ds.config import load_config
-from sparsemixer_ds.families import get_family
+from sparsemixer_ds.models.families import get_family
 
 NATIVE = ["model.vocab_size=50", "model.d_model=32", "model.n_heads=2", "model.n_layers=2", "model.seq_len=16",
           "model.ffn_hidden=64", "moe.num_experts=4", "moe.expert_hidden=32", "moe.moe_every=1", "moe.top_k=2",

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from sparsemixer_ds.data import (BpeTokenizer, ByteTokenizer, TokenFile, default_corpus, eval_batches,
-                                 iter_documents, load_tokenizer, open_split, prepare, resolve_inputs)
-from sparsemixer_ds.mixture import Mixture
+from sparsemixer_ds.data.corpus import default_corpus, iter_documents, resolve_inputs
+from sparsemixer_ds.data.loader import Mixture, eval_batches
+from sparsemixer_ds.data.prepare import prepare
+from sparsemixer_ds.data.prepared import TokenFile, load_tokenizer, open_split
+from sparsemixer_ds.data.tokenizer import BpeTokenizer, ByteTokenizer
 
 DOCS = {
     "a.txt": "hello world\n",

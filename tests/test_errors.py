@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY, free_port, launch_env, set_args
 
-from sparsemixer_ds.comm import SHM_DIR
 from sparsemixer_ds.config import ConfigError, load_config, load_ds_config
-from sparsemixer_ds.data import iter_documents, prepare, read_meta
-from sparsemixer_ds.families import get_family, training_state
+from sparsemixer_ds.data.corpus import iter_documents
+from sparsemixer_ds.data.prepare import prepare
+from sparsemixer_ds.data.prepared import read_meta
+from sparsemixer_ds.models.families import get_family, training_state
+from sparsemixer_ds.run.comm import SHM_DIR
 from sparsemixer_ds.testing import TINY as TINY_MODEL
 from sparsemixer_ds.train import preflight
 
@@ -213,7 +215,7 @@ def test_prepare_skips_or_replaces_on_request_and_counts(tmp_path, policy, kept)
 
 
 def test_the_default_corpus_keeps_its_few_non_utf8_sources_with_replacements(tmp_path, monkeypatch):
-    import sparsemixer_ds.prepare as preparing
+    import sparsemixer_ds.data.prepare as preparing
     sources = write_inputs(tmp_path / "stdlib")
     monkeypatch.setattr(preparing, "default_corpus", lambda: sorted(sources.iterdir()))
     meta = prepare(None, tmp_path / "out", val_fraction=0.0, progress=False)

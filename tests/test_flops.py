@@ -1,15 +1,15 @@
-"""sparsemixer_ds.flops against counts made another way: parameters of the built models, one expert's
+"""sparsemixer_ds.models.flops against counts made another way: parameters of the built models, one expert's
 parameters from the built module, and torch's FlopCounterMode on a forward and backward."""
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from sparsemixer_ds import hf
 from sparsemixer_ds.config import load_config
-from sparsemixer_ds.families import get_family
-from sparsemixer_ds.flops import measure_peak, peak_flops
-from sparsemixer_ds.metrics import Utilisation
+from sparsemixer_ds.models import hf
+from sparsemixer_ds.models.families import get_family
+from sparsemixer_ds.models.flops import measure_peak, peak_flops
+from sparsemixer_ds.run.metrics import Utilisation
 from sparsemixer_ds.testing import TINY
 
 V = 50

@@ -11,8 +11,8 @@ from models import TinyMoEModel, sparsemixer_layer
 
 from sparsemixer_ds import SparseMixerGate, SparseMixerMoE, convert, sparsemixer
 from sparsemixer_ds.config import load_config
-from sparsemixer_ds.model import MoELM
-from sparsemixer_ds.moe import BaselineGate, make_moe
+from sparsemixer_ds.models.moe import BaselineGate, make_moe
+from sparsemixer_ds.models.native import MoELM
 from sparsemixer_ds.routing.registry import RouterOptions, get_router
 
 

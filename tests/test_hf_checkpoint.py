@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints out of and into model.family hf runs (sparsemixer_ds.hf_checkpoint).
+"""Hugging Face checkpoints out of and into model.family hf runs (sparsemixer_ds.models.hf_checkpoint).
 
 ``export --format hf`` writes a directory that transformers loads without DeepSpeed, computing what the
 trained model computed; ``train --init-from`` starts a run from one on any ep_size. Three tiny runs
@@ -20,9 +20,12 @@ from safetensors.torch import load_file
 
 from sparsemixer_ds.cli import main as cli_main
 from sparsemixer_ds.config import ConfigError, config_dict, load_config
-from sparsemixer_ds.data import BpeTokenizer, ByteTokenizer, eval_batches, open_split, prepare
+from sparsemixer_ds.data.loader import eval_batches
+from sparsemixer_ds.data.prepare import prepare
+from sparsemixer_ds.data.prepared import open_split
+from sparsemixer_ds.data.tokenizer import BpeTokenizer, ByteTokenizer
 from sparsemixer_ds.export import load_checkpoint_model
-from sparsemixer_ds.hf_checkpoint import export_hf, write_tokenizer
+from sparsemixer_ds.models.hf_checkpoint import export_hf, write_tokenizer
 from sparsemixer_ds.routing.estimator import sparsemixer
 from sparsemixer_ds.train import evaluate, preflight
 

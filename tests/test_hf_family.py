@@ -12,7 +12,7 @@ import yaml
 from conftest import REPO, assert_resumed_as_uninterrupted, free_port, launch_env, run_metrics, set_args
 
 from sparsemixer_ds.config import ConfigError, load_config
-from sparsemixer_ds.families import get_family
+from sparsemixer_ds.models.families import get_family
 from sparsemixer_ds.train import preflight
 
 # Tiny models of each family: 2 layers of width 32, 4 experts, top-2.

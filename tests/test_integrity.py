@@ -18,7 +18,7 @@ from test_train import assert_resumed_as_uninterrupted, cli, launch
 from sparsemixer_ds import cli as sparsemixer_cli
 from sparsemixer_ds.config import ConfigError
 from sparsemixer_ds.export import load_export
-from sparsemixer_ds.rundir import COMPLETE, RunDir
+from sparsemixer_ds.run.rundir import COMPLETE, RunDir
 
 # Twelve steps, a checkpoint every two (all kept) and an evaluation at each, so any tag can be resumed
 # and compared with what the uninterrupted run logged there.

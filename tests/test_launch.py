@@ -228,7 +228,7 @@ def test_overrides_with_shell_metacharacters_pass_literally(tmp_path, corpus):
     assert not list(tmp_path.glob("PWNED*"))
 
 
-# --- Preemption: SIGTERM to the launch (sparsemixer_ds/stop.py, run_cmd in launch/common.sh) ---------------
+# --- Preemption: SIGTERM to the launch (sparsemixer_ds/run/stop.py, run_cmd in launch/common.sh) ---------------
 
 LONG = ["train.steps=100000", "checkpoint.interval=0", "eval.interval=100000"]
 

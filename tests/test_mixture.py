@@ -9,8 +9,10 @@ from conftest import REPO, TINY, assert_resumed_as_uninterrupted, free_port, lau
 from test_errors import cli, error_line
 
 from sparsemixer_ds.config import ConfigError, load_config
-from sparsemixer_ds.data import default_corpus, open_split, prepare
-from sparsemixer_ds.mixture import BLOCK, Mixture, _schedule, check_sources
+from sparsemixer_ds.data.corpus import default_corpus
+from sparsemixer_ds.data.loader import BLOCK, Mixture, _schedule, check_sources
+from sparsemixer_ds.data.prepare import prepare
+from sparsemixer_ds.data.prepared import open_split
 
 CPU_JSON = REPO / "ds_configs" / "cpu.json"
 

@@ -8,12 +8,12 @@ from deepspeed.moe.layer import MoE
 
 from sparsemixer_ds import SparseMixerGate, SparseMixerMoE
 from sparsemixer_ds.config import load_config
-from sparsemixer_ds.families import FAMILIES, get_family
-from sparsemixer_ds.model import MoELM
-from sparsemixer_ds.moe import BaselineGate
+from sparsemixer_ds.models.families import FAMILIES, get_family
+from sparsemixer_ds.models.moe import BaselineGate
+from sparsemixer_ds.models.native import MoELM
 from sparsemixer_ds.routing.core import RoutingStats
-from sparsemixer_ds.optim import warmup_cosine
 from sparsemixer_ds.routing.registry import ROUTERS
+from sparsemixer_ds.run.optim import warmup_cosine
 from sparsemixer_ds.train import step_seed
 
 SMALL = ["model.vocab_size=50", "model.d_model=32", "model.n_heads=2", "model.n_layers=4", "model.seq_len=16",
@@ -117,7 +117,7 @@ def test_causal_future_tokens_do_not_change_past_logits(positions, router, k):
 
 def test_rotary_attention_depends_on_relative_position_only():
     """Shifting a whole sequence by some positions leaves rotary attention scores unchanged."""
-    from sparsemixer_ds.model import apply_rotary, rotary_tables
+    from sparsemixer_ds.models.native import apply_rotary, rotary_tables
     cos, sin = rotary_tables(32, 8)
     q, k = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8)
     scores_at = lambda start: apply_rotary(q, cos[start:start + 4], sin[start:start + 4]) @ apply_rotary(

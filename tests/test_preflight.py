@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO, TINY
 
 from sparsemixer_ds.config import ConfigError, dump_yaml, load_config
-from sparsemixer_ds.rundir import COMPLETE, RunDir
+from sparsemixer_ds.run.rundir import COMPLETE, RunDir
 from sparsemixer_ds.train import preflight
 
 

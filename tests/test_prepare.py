@@ -14,9 +14,10 @@ import zstandard
 from conftest import REPO, launch_env
 from test_errors import cli, error_line
 
-import sparsemixer_ds.corpus as corpus
-from sparsemixer_ds.data import default_corpus, iter_documents, load_tokenizer, prepare
-from sparsemixer_ds.prepare import _ordered, _pool
+import sparsemixer_ds.data.corpus as corpus
+from sparsemixer_ds.data.corpus import default_corpus, iter_documents
+from sparsemixer_ds.data.prepare import _ordered, _pool, prepare
+from sparsemixer_ds.data.prepared import load_tokenizer
 
 OUTPUTS = ("train.bin", "val.bin", "meta.json", "tokenizer.json")
 
@@ -213,8 +214,8 @@ def _size(unit) -> int:
 
 MEMORY_SCRIPT = """
 import resource, sys
-import sparsemixer_ds.corpus as corpus
-from sparsemixer_ds.data import prepare
+import sparsemixer_ds.data.corpus as corpus
+from sparsemixer_ds.data.prepare import prepare
 corpus.UNIT_BYTES = 1 << 20
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 prepare([sys.argv[1]], sys.argv[2], progress=False, workers=2)

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from conftest import REPO, launch_env
 from transformers import PhimoeConfig, PhimoeForCausalLM
 
-from sparsemixer_ds import SparseMixerGate, autoep
+from sparsemixer_ds import SparseMixerGate
 from sparsemixer_ds.config import ConfigError, load_config
+from sparsemixer_ds.models import autoep
 from sparsemixer_ds.routing.core import sparsemixer_routes
 from sparsemixer_ds.routing.registry import ESTIMATORS, RouterOptionError, RouterOptions
 

@@ -1,4 +1,4 @@
-"""One run per run directory (sparsemixer_ds/runlock.py): a second launch on a directory in use is refused
+"""One run per run directory (sparsemixer_ds/run/runlock.py): a second launch on a directory in use is refused
 before any rank starts, naming who holds it; a lock left by a run that is gone is taken over with a warning."""
 import json
 import os
@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO, free_port, launch_env, run_metrics, set_args
 
 from sparsemixer_ds.config import ConfigError
-from sparsemixer_ds.runlock import LOCK_NAME, STALE_AFTER_S, RunLock, check_lock
+from sparsemixer_ds.run.runlock import LOCK_NAME, STALE_AFTER_S, RunLock, check_lock
 
 SHORT = ["train.steps=40", "eval.interval=40", "checkpoint.interval=40", "logging.plot=false"]
 
@@ -75,8 +75,8 @@ def test_a_lock_left_by_a_dead_process_is_taken_over_by_a_real_launch(tmp_path, 
 
 
 def live_lock(run_dir, **fields):
-    from sparsemixer_ds.runlock import _boot_id
-    from sparsemixer_ds.stop import process_start_time
+    from sparsemixer_ds.run.runlock import _boot_id
+    from sparsemixer_ds.run.stop import process_start_time
     return write_lock(run_dir, **{"start_time": process_start_time(os.getpid()), "boot_id": _boot_id(), **fields})
 
 

@@ -1,4 +1,4 @@
-"""A stalled rank ends the job (sparsemixer_ds/watchdog.py): the rules on made-up heartbeats, the
+"""A stalled rank ends the job (sparsemixer_ds/run/watchdog.py): the rules on made-up heartbeats, the
 sampler on a thread that waits in a "collective", the process groups' timeout, and real 2-rank runs
 under the deepspeed launcher with one rank SIGSTOPped (rank 1; rank 0, which serves the store) or
 hanging alive outside any collective (tests/dist/stalled_train.py)."""
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from conftest import REPO, free_port, launch_env, rank_pids, set_args
 
-from sparsemixer_ds.watchdog import TORCH_DISTRIBUTED, Seen, Watchdog, margin_s, verdict
+from sparsemixer_ds.run.watchdog import TORCH_DISTRIBUTED, Seen, Watchdog, margin_s, verdict
 
 T = 15  # train.collective_timeout_s of the launched runs
 # deepspeed's launch.py sends SIGTERM to every rank once one fails and SIGKILL 30 s later to those
@@ -126,7 +126,7 @@ from datetime import timedelta
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{free_port()}", RANK="0", WORLD_SIZE="1")
 d.init_process_group("gloo", timeout=timedelta(seconds=40))
 before = d.new_group([0])
-from sparsemixer_ds.comm import set_collective_timeout
+from sparsemixer_ds.run.comm import set_collective_timeout
 set_collective_timeout(7)
 after = d.new_group([0])
 cpu = torch.device("cpu")

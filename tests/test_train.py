@@ -1,10 +1,10 @@
 """Pre-training under the real deepspeed launcher (launch/local.sh): 2 CPU ranks, ep_size 2, gloo."""
 import json
 import math
-import shutil
-import statistics
 import os
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -14,14 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import REPO, assert_resumed_as_uninterrupted, free_port, launch_env, rank_pids, run_metrics, set_args
-
 from safetensors.torch import load_file
 
-from sparsemixer_ds.comm import SHM_DIR
-from sparsemixer_ds.data import eval_batches, open_split
 from sparsemixer_ds.config import ConfigError
+from sparsemixer_ds.data.loader import eval_batches
+from sparsemixer_ds.data.prepared import open_split
 from sparsemixer_ds.export import load_export
-from sparsemixer_ds.rundir import RunDir
+from sparsemixer_ds.run.comm import SHM_DIR
+from sparsemixer_ds.run.rundir import RunDir
 
 
 def launch_cmd(run_dir, corpus, *overrides, port, ds_config="ds_configs/cpu.json", resume=False):

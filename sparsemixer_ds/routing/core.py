@@ -3,7 +3,7 @@ the auxiliary losses, plus the statistics and logged terms. Torch only (no DeepS
 
 Shape legend: S tokens, E experts, K routes per token (top_k).
 
-DeepSpeed's MoE layer (sparsemixer_ds.moe: SparseMixerGate) and AutoEP (sparsemixer_ds.autoep:
+DeepSpeed's MoE layer (sparsemixer_ds.models.moe: SparseMixerGate) and AutoEP (sparsemixer_ds.models.autoep:
 SparseMixerRouter) are adapters onto their host's contract around ``sparsemixer_routes``: the gate adds
 capacity and slots, the AutoEP router int32 counts. Each auxiliary loss takes its coefficient where it is
 computed (as Megatron-Core's router does), so a caller adds ``l_aux`` to its loss as it is.

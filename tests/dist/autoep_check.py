@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from deepspeed import comm as dist
 from transformers import AutoModelForCausalLM, MixtralConfig, PhimoeConfig, Qwen3MoeConfig
 
-from sparsemixer_ds import autoep
-from sparsemixer_ds.comm import exit_rank, init_distributed
+from sparsemixer_ds.models import autoep
+from sparsemixer_ds.run.comm import exit_rank, init_distributed
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", type=Path, required=True)

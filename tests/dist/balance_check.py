@@ -17,8 +17,8 @@ from deepspeed import comm as dist
 from deepspeed.moe.sharded_moe import TopKGate, multiplicative_jitter
 
 from sparsemixer_ds import SparseMixerGate
-from sparsemixer_ds.comm import exit_rank, init_distributed
-from sparsemixer_ds.moe import BaselineGate
+from sparsemixer_ds.run.comm import exit_rank, init_distributed
+from sparsemixer_ds.models.moe import BaselineGate
 
 MODEL_DIM, NUM_EXPERTS, TOKENS = 16, 4, 48
 CASES = {  # name: (gate class, top-k, SparseMixer estimator)

@@ -15,7 +15,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from models import TinyMoEModel
 
 from sparsemixer_ds import SparseMixerMoE, convert
-from sparsemixer_ds.comm import exit_rank, init_distributed
+from sparsemixer_ds.run.comm import exit_rank, init_distributed
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", type=Path, required=True)

@@ -11,8 +11,8 @@ from deepspeed import comm as dist
 from models import EP_CASES, EXPERT_HIDDEN, ep_batch, ep_loss, load_reference_weights, local_expert_offset
 
 from sparsemixer_ds import SparseMixerMoE
-from sparsemixer_ds.comm import exit_rank, init_distributed
-from sparsemixer_ds.model import feed_forward
+from sparsemixer_ds.run.comm import exit_rank, init_distributed
+from sparsemixer_ds.models.native import feed_forward
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", type=Path, required=True)

@@ -9,10 +9,10 @@ import deepspeed
 import torch
 from deepspeed import comm as dist
 
-from sparsemixer_ds.comm import exit_rank
+from sparsemixer_ds.run.comm import exit_rank
 from sparsemixer_ds.config import load_config
-from sparsemixer_ds.families import get_family
-from sparsemixer_ds.optim import make_adamw
+from sparsemixer_ds.models.families import get_family
+from sparsemixer_ds.run.optim import make_adamw
 
 
 def nbytes(tensors) -> int:

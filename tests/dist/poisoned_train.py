@@ -10,9 +10,9 @@ import os
 import sys
 
 from sparsemixer_ds import cli
-from sparsemixer_ds.comm import exit_rank
-from sparsemixer_ds.hf import HFLanguageModel
-from sparsemixer_ds.model import MoELM
+from sparsemixer_ds.run.comm import exit_rank
+from sparsemixer_ds.models.hf import HFLanguageModel
+from sparsemixer_ds.models.native import MoELM
 
 STEPS = {int(s) for s in os.environ["POISON_STEPS"].split(",") if s}
 RANK = int(os.environ["POISON_RANK"])

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from sparsemixer_ds import cli
-from sparsemixer_ds.comm import exit_rank
-from sparsemixer_ds.model import MoELM
+from sparsemixer_ds.run.comm import exit_rank
+from sparsemixer_ds.models.native import MoELM
 
 RANK, STEP, MARK = int(os.environ["STALL_RANK"]), int(os.environ["STALL_STEP"]), Path(os.environ["STALL_MARK"])
 clean_forward = MoELM.forward

@@ -26,9 +26,9 @@ from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import TOPK_GATE_TIMER, TopKGate, multiplicative_jitter, top1gating, top2gating
 from torch import nn
 
-from .routing.balance import balance_loss
-from .routing.core import GLOBAL_BALANCE_GROUP, MoETerms, Routed, RoutingStats, sparsemixer_routes
-from .routing.registry import Router, RouterOptionError, RouterOptions, check_top_k
+from ..routing.balance import balance_loss
+from ..routing.core import GLOBAL_BALANCE_GROUP, MoETerms, Routed, RoutingStats, sparsemixer_routes
+from ..routing.registry import Router, RouterOptionError, RouterOptions, check_top_k
 
 __all__ = ["SparseMixerGate", "SparseMixerMoE", "BaselineGate", "convert", "Routes", "make_moe", "moe_gates"]
 

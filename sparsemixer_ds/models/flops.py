@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from .config import ConfigError, DSSettings, RunConfig
+from ..config import ConfigError, DSSettings, RunConfig
 
 __all__ = ["ModelCost", "native_cost", "hf_cost", "Peak", "training_dtype", "measure_peak",
            "peak_flops"]
@@ -75,7 +75,7 @@ class ModelCost(NamedTuple):
 
 
 def native_cost(cfg: RunConfig) -> ModelCost:
-    """The cost of sparsemixer_ds.model.MoELM: pre-norm blocks (LayerNorm with bias), attention with
+    """The cost of sparsemixer_ds.models.native.MoELM: pre-norm blocks (LayerNorm with bias), attention with
     one fused QKV Linear and an output Linear (biases), GELU FFNs (two Linears with biases), tied LM head,
     SparseMixer's omega [M] per MoE layer for the estimators that train one (midpoint, midpoint-all); E experts in every MoE layer, all
     of them counted (each rank builds num_experts / ep_size; the model has them all)."""
@@ -104,7 +104,7 @@ def native_cost(cfg: RunConfig) -> ModelCost:
 
 def hf_cost(cfg: RunConfig, config) -> ModelCost:
     """The cost of the Hugging Face model of ``config`` (a transformers PhimoeConfig, MixtralConfig or
-    Qwen3MoeConfig, as sparsemixer_ds.hf.hf_config gives it): attention with separate q, k, v, o
+    Qwen3MoeConfig, as sparsemixer_ds.models.hf.hf_config gives it): attention with separate q, k, v, o
     projections (grouped-query: k and v have num_key_value_heads heads; biases if attention_bias),
     SwiGLU experts of 3 matrices (gate_up [2I, M] and down [M, I]: I = intermediate_size, or
     moe_intermediate_size for Qwen3-MoE), a router [E, M] without bias, LayerNorm (PhiMoE: weight and

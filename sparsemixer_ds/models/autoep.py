@@ -42,8 +42,8 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .routing.core import MoETerms, RoutingStats, sparsemixer_routes
-from .routing.registry import RouterOptionError, RouterOptions
+from ..routing.core import MoETerms, RoutingStats, sparsemixer_routes
+from ..routing.registry import RouterOptionError, RouterOptions
 
 __all__ = ["SparseMixerRouter", "OutputScale", "use_sparsemixer", "install_routers", "autoep_specs", "aux_loss",
            "routers", "AutoEPError"]
@@ -213,7 +213,7 @@ def use_sparsemixer(model: nn.Module, ds_config: dict, source: str = "the DeepSp
     if getattr(hf_config, "output_router_logits", False):
         raise AutoEPError(f"{type(model).__name__}.config.output_router_logits is True: the model would add its "
                           "own balance loss, from a softmax top-k that SparseMixer does not take; set it to False "
-                          "and add sparsemixer_ds.autoep.aux_loss(model) to the loss")
+                          "and add sparsemixer_ds.models.autoep.aux_loss(model) to the loss")
     if getattr(model, "_sparsemixer_blocks", None):
         raise AutoEPError(f"use_sparsemixer() was already called on this {type(model).__name__}")
     specs = autoep_specs(model, ds_config, source)

@@ -15,7 +15,7 @@ Records, by the keys they carry:
     {"step", "stopped": "SIGTERM"}                      a run stopped on request (the signal or the reason)
 
 ``tokens_per_s`` counts all ranks; ``model_tflops`` is the model FLOP/s of one rank (flops_per_token x
-tokens_per_s / ranks, sparsemixer_ds.flops) in TFLOP/s, and ``mfu`` that over the rank's peak (the peak
+tokens_per_s / ranks, sparsemixer_ds.models.flops) in TFLOP/s, and ``mfu`` that over the rank's peak (the peak
 and how it was obtained are in the start's record, starts/start_NNN.yaml, as "peak_tflops" and "peak").
 """
 import json
@@ -30,7 +30,7 @@ import psutil
 import torch
 from deepspeed import comm as dist
 
-from .routing.core import RoutingStats
+from ..routing.core import RoutingStats
 
 __all__ = ["Metrics", "Throughput", "Utilisation", "read_metrics", "all_mean", "finite_or_none"]
 

@@ -1,4 +1,7 @@
-"""The training loader: which source and which window each training sequence comes from.
+"""The loader: which source and which window each training sequence comes from, and the validation batches.
+
+A token file is read in fixed windows of T + 1 tokens (inputs and next-token targets); ``eval_batches``
+takes the validation split's first ones.
 
 A run reads ``data.path`` (one source) or ``data.sources`` (several, with weights, sharing one
 tokenizer). Training draws are numbered: draw g = ((step * accum_steps + micro) * dp_world + dp_rank)
@@ -13,7 +16,7 @@ of (seed, step, micro, rank): a resumed run reads exactly the batches the uninte
 and tokens seen per source follow from the step alone. With one source, draw g is window
 permutation(seed, g // N)[g % N] of its N.
 
-Shape legend: B micro-batch (sequences), T sequence length, M draws per schedule block, N sources.
+Shape legend: B micro-batch (sequences), T sequence length, W windows, M draws per schedule block, N sources.
 """
 import hashlib
 from collections import OrderedDict
@@ -23,11 +26,55 @@ from typing import Dict, List, NamedTuple, Tuple
 import numpy as np
 import torch
 
-from .config import ConfigError, RunConfig, source_name
-from .data import (TokenFile, _check_positive, _num_windows, _shifted, eval_batches, model_vocab_size, open_split,
-                   read_meta)
+from ..config import ConfigError, RunConfig, source_name
+from .prepared import TokenFile, model_vocab_size, open_split, read_meta
 
-__all__ = ["Source", "data_sources", "tokenizer_dir", "check_sources", "Mixture", "validation_sets"]
+__all__ = ["eval_batches", "Source", "data_sources", "tokenizer_dir", "check_sources", "Mixture", "validation_sets"]
+
+
+def _windows_to_batch(tokens: TokenFile, windows: np.ndarray, seq_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets of the given windows: int64 [W, T] each."""
+    return _shifted([tokens.data[w * seq_len: (w + 1) * seq_len + 1] for w in windows])
+
+
+def _shifted(rows: List[np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Windows of T + 1 tokens -> inputs and next-token targets, int64 [W, T] each."""
+    rows_WT1 = torch.from_numpy(np.stack(rows).astype(np.int64))
+    return rows_WT1[:, :-1].contiguous(), rows_WT1[:, 1:].contiguous()
+
+
+def _num_windows(tokens: TokenFile, seq_len: int) -> int:
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be an integer >= 1; got {seq_len!r}")
+    # Each window needs one token beyond its end for the last target.
+    return max(len(tokens) - 1, 0) // seq_len
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+
+
+def eval_batches(tokens: TokenFile, seq_len: int, batch: int, dp_rank: int, dp_world: int,
+                 max_batches: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's validation batches: (inputs, targets), int64 [batch, T] each, the same count on every rank.
+
+    The first ``min(N, max_batches * batch * dp_world)`` windows in file order, cut into one contiguous
+    block per rank (the remainder that would leave ranks uneven is dropped).
+    """
+    _check_positive(batch=batch, dp_world=dp_world, max_batches=max_batches)
+    if isinstance(dp_rank, bool) or not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_world:
+        raise ValueError(f"dp_rank must be an integer in 0..{dp_world - 1} (dp_world={dp_world}); got {dp_rank!r}")
+    num_windows = _num_windows(tokens, seq_len)
+    per_rank = min(num_windows, max_batches * batch * dp_world) // (batch * dp_world)
+    if per_rank == 0:
+        raise ValueError(f"the validation split {str(tokens.path)!r} has {len(tokens)} tokens = {num_windows} "
+                         f"windows of seq_len={seq_len}, fewer than batch * dp_world = {batch * dp_world}; "
+                         "raise val_fraction in prepare, or use shorter sequences or a smaller eval batch")
+    start = dp_rank * per_rank * batch
+    return [_windows_to_batch(tokens, np.arange(start + b * batch, start + (b + 1) * batch), seq_len)
+            for b in range(per_rank)]
 
 
 class Source(NamedTuple):

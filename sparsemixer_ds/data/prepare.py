@@ -28,9 +28,8 @@ from typing import Callable, Dict, Iterable, Iterator, NamedTuple, Optional, Seq
 import numpy as np
 from tqdm import tqdm
 
-from .corpus import ENCODING_ERRORS, Reading, Tally, default_corpus, plan_units, resolve_inputs, unit_bytes, \
-    unit_documents
-from .corpus import Unit
+from .corpus import (ENCODING_ERRORS, Reading, Tally, Unit, default_corpus, plan_units, resolve_inputs, unit_bytes,
+                     unit_documents)
 from .tokenizer import TOKENIZERS, BpeTokenizer, ByteTokenizer
 
 __all__ = ["prepare", "default_workers", "Split"]
@@ -135,6 +134,7 @@ def _pool(workers: int) -> Iterator[Optional[ProcessPoolExecutor]]:
         yield None
         return
     import multiprocessing
+
     # tokenizers warns in a child forked after its thread pool ran (an earlier BPE training in this
     # process); told its parallelism setting, it stays quiet, and a worker should use one core anyway.
     configured = os.environ.get("TOKENIZERS_PARALLELISM")

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints out of and into runs of the hf family (sparsemixer_ds.hf).
+"""Hugging Face checkpoints out of and into runs of the hf family (sparsemixer_ds.models.hf).
 
 Out: ``export_hf(run_dir, out_dir)`` (``sparsemixer-ds export --format hf``) writes a directory that
 ``transformers.AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load
@@ -47,16 +47,17 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig
+from ..data.loader import tokenizer_dir
+from ..data.prepared import read_meta
+from ..data.tokenizer import EOS_TOKEN, BpeTokenizer, ByteTokenizer
+from ..run.rundir import RunDir
 from .families import InitSource
-from .data import EOS_TOKEN, BpeTokenizer, ByteTokenizer, read_meta
-from .mixture import tokenizer_dir
-from .rundir import RunDir
 
 __all__ = ["export_hf", "hf_state_dict", "routing_notes", "write_tokenizer", "byte_level_tokenizer", "init_source",
            "load_init_weights", "SHAPE_FIELDS"]
 
-# HF config fields that fix the shape of some weight of a supported model (the families of sparsemixer_ds.hf).
+# HF config fields that fix the shape of some weight of a supported model (the families of sparsemixer_ds.models.hf).
 # A checkpoint loads into a run only if each that either config has is the same in both.
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts", "num_experts",
@@ -91,7 +92,7 @@ def export_hf(run_dir: Path, out_dir: Path, tag: Optional[str] = None) -> List[s
     whatever ``ep_size`` the run trained with) and the data's tokenizer. Returns notes on how HF's forward
     routes these weights (``routing_notes``). Refuses a run of another family, or an ``out_dir`` that
     exists and is not empty, before loading anything; writes into a sibling directory and renames it."""
-    from .export import load_checkpoint_model
+    from ..export import load_checkpoint_model
     from . import hf
 
     out_dir = _checked_out_dir(out_dir)
@@ -121,13 +122,14 @@ def hf_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     config: AutoEP's layers mapped back (see the module docstring), omega folded into down_proj.
     Checked name by name and shape by shape against HF's class."""
     from transformers import AutoModelForCausalLM
+
     from . import autoep, hf
 
     config = model.config
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(config)
     want = plain.state_dict()
-    # AutoEP's detection of the blocks, as the run configured it (sparsemixer_ds.hf), on the plain model.
+    # AutoEP's detection of the blocks, as the run configured it (sparsemixer_ds.models.hf), on the plain model.
     section = {"enabled": True, "autoep_size": 1, **hf.MODEL_TYPES[config.model_type]}
     specs = autoep.autoep_specs(plain, {"expert_parallel": section}, f"the {config.model_type} model")
     state = model.state_dict()
@@ -200,7 +202,7 @@ def _experts_to_hf(experts: nn.Module, spec, prefix: str, want: Dict[str, torch.
 
 def routing_notes(cfg: RunConfig, config) -> List[str]:
     """How the exported model's own (HF) forward routes, where that is not the trained model's eval rule."""
-    from .routing.registry import ROUTERS
+    from ..routing.registry import ROUTERS
     rule = f"SparseMixer's eval rule ({ROUTERS[cfg.moe.router].estimator}, top-{config.num_experts_per_tok})"
     if config.model_type == "phimoe":
         if config.num_experts_per_tok == 2:

@@ -3,8 +3,8 @@
     config.yaml               the resolved run config: what fixes the run's trajectory, checked on resume
     ds_config.json            the resolved DeepSpeed config
     starts/start_NNN.yaml     both, as each start of the run resolved them, with what it resumed and changed
-    LOCK                      the launch that trains here (sparsemixer_ds.runlock)
-    metrics.jsonl             one JSON object per line (sparsemixer_ds.metrics)
+    LOCK                      the launch that trains here (sparsemixer_ds.run.runlock)
+    metrics.jsonl             one JSON object per line (sparsemixer_ds.run.metrics)
     monitor/                  DeepSpeed's CSV and TensorBoard monitors, unless the DS JSON says where
     training.png              the end-of-run plot
     checkpoints/step_NNNNNNNN/  DeepSpeed's files of one step, and COMPLETE once every rank saved its part
@@ -27,8 +27,8 @@ import yaml
 from deepspeed import comm as dist
 from deepspeed.runtime.zero.utils import ZeRORuntimeException
 
+from ..config import ConfigError, RunConfig, RunError, config_dict, config_from_dict, dump_yaml, total_steps
 from .checksums import ALGORITHM, file_digests
-from .config import ConfigError, RunConfig, RunError, config_dict, config_from_dict, dump_yaml, total_steps
 from .optim import warmup_cosine
 
 __all__ = ["RunDir", "TagState", "tag_name"]

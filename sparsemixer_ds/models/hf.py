@@ -1,6 +1,6 @@
 """Hugging Face MoE models as a model family (``model.family: hf``): PhiMoE (GRIN's architecture),
 Mixtral and Qwen3-MoE, built from a config in the run config, trained with SparseMixer routers under
-DeepSpeed's AutoEP (sparsemixer_ds.autoep).
+DeepSpeed's AutoEP (sparsemixer_ds.models.autoep).
 
 The run config names the model in ``model.hf`` (the HF config inline: ``model_type`` and its fields)
 or ``model.hf_config`` (a local ``config.json``, or a directory holding one). The data set the
@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ConfigError, RunConfig
+from ..routing.core import RoutingStats, sum_terms
+from ..routing.registry import ROUTERS
 from . import autoep
-from .config import ConfigError, RunConfig
-from .model import LMOutput
-from .routing.core import RoutingStats, sum_terms
-from .routing.registry import ROUTERS
+from .native import LMOutput
 
 __all__ = ["MODEL_TYPES", "TRANSFORMERS_RANGE", "TRANSFORMERS_BROKEN", "check_transformers", "hf_config", "expert_parallel", "options",
            "build", "HFLanguageModel"]

@@ -23,7 +23,7 @@ from typing import List, Optional, Tuple
 import torch
 from deepspeed import comm as dist
 
-from .config import RunError
+from ..config import RunError
 
 __all__ = ["StopRequest", "Stopped", "launcher_chain", "process_start_time"]
 

@@ -13,7 +13,7 @@ chosen by the run config's ``model.family``. A family says, before any model exi
 - ``memory_estimate(cfg, ds, world) -> MemoryEstimate``: the training state one rank holds (weights,
   gradients, AdamW state), for the pre-flight check that the model fits (``training_state`` does the
   arithmetic from parameter counts);
-- ``cost(cfg) -> ModelCost`` (sparsemixer_ds.flops): parameters (total, active per token) and training
+- ``cost(cfg) -> ModelCost`` (sparsemixer_ds.models.flops): parameters (total, active per token) and training
   FLOPs per token, from the config alone, for MFU and ``sparsemixer-ds plan``;
 - ``check_routing(cfg, device)``: refuses a routing implementation this device cannot run;
 - ``check_init_from(cfg, path, resume) -> InitSource``: whether the run can start from the checkpoint
@@ -22,7 +22,7 @@ chosen by the run config's ``model.family``. A family says, before any model exi
 
 and it builds the model, ``build(cfg)``: an ``nn.Module`` with
 
-- ``forward(tokens, targets=None) -> LMOutput`` (sparsemixer_ds.model): logits, and with targets the
+- ``forward(tokens, targets=None) -> LMOutput`` (sparsemixer_ds.models.native): logits, and with targets the
   training loss with each MoE term already weighted by its own coefficient, plus the detached terms
   that are logged (cross-entropy, balance loss, z-loss);
 - ``routing_stats() -> List[RoutingStats]``: per MoE layer, the statistics its gate records;
@@ -30,9 +30,9 @@ and it builds the model, ``build(cfg)``: an ``nn.Module`` with
 and exports it: ``export_state(model)`` is the dict of tensors an export file holds, and
 ``load_export_state(model, tensors)`` puts them back into a model built from the same config.
 
-Families: ``native``, this project's decoder LM on DeepSpeed's MoE layer (sparsemixer_ds.model);
+Families: ``native``, this project's decoder LM on DeepSpeed's MoE layer (sparsemixer_ds.models.native);
 ``hf``, a Hugging Face MoE model (PhiMoE, Mixtral, Qwen3-MoE) whose MoE blocks DeepSpeed's AutoEP
-replaces, routed by SparseMixer (sparsemixer_ds.hf, sparsemixer_ds.autoep).
+replaces, routed by SparseMixer (sparsemixer_ds.models.hf, sparsemixer_ds.models.autoep).
 """
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Protocol, Tuple
@@ -41,11 +41,11 @@ import torch
 from deepspeed.moe.utils import is_moe_param
 from torch import nn
 
-from .config import ConfigError, DSSettings, RunConfig
+from ..config import ConfigError, DSSettings, RunConfig
+from ..routing.core import RoutingStats
+from ..routing.estimator import check_impl
 from .flops import ModelCost, hf_cost, native_cost
-from .model import LMOutput, MoELM
-from .routing.core import RoutingStats
-from .routing.estimator import check_impl
+from .native import LMOutput, MoELM
 
 __all__ = ["ModelFamily", "LanguageModel", "MemoryEstimate", "InitSource", "training_state", "FAMILIES",
            "get_family"]
@@ -175,7 +175,7 @@ class _Family:
 
 
 class NativeFamily(_Family):
-    """This project's decoder LM (sparsemixer_ds.model.MoELM) with DeepSpeed's MoE layers."""
+    """This project's decoder LM (sparsemixer_ds.models.native.MoELM) with DeepSpeed's MoE layers."""
     name = "native"
     shape_keys = ("model.family", "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
                   "model.seq_len", "model.positions", "model.ffn_hidden", "moe.router", "moe.num_experts",
@@ -211,7 +211,7 @@ class NativeFamily(_Family):
 
 
 class HFFamily(_Family):
-    """A Hugging Face MoE model under AutoEP with SparseMixer routers (sparsemixer_ds.hf)."""
+    """A Hugging Face MoE model under AutoEP with SparseMixer routers (sparsemixer_ds.models.hf)."""
     name = "hf"
     # The HF config fixes every weight's shape; the router adds omega (midpoint) or not.
     shape_keys = ("model.family", "model.vocab_size", "model.hf", "model.hf_config", "moe.router")
@@ -269,8 +269,9 @@ class HFFamily(_Family):
 
     def memory_estimate(self, cfg: RunConfig, ds: dict, world: int) -> MemoryEstimate:
         """Parameters counted on the meta device; AutoEP keeps num_experts / ep_size experts per rank."""
-        from . import hf
         from transformers import AutoModelForCausalLM
+
+        from . import hf
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf.hf_config(cfg))
         total = sum(p.numel() for p in model.parameters())

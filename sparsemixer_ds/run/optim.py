@@ -9,7 +9,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
-from .config import RunConfig
+from ..config import RunConfig
 
 __all__ = ["GuardedAdamW", "optimizer_param_groups", "warmup_cosine", "make_adamw", "make_schedule", "build_optimizer"]
 

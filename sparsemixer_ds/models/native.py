@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig, MoEConfig
+from ..config import ModelConfig, MoEConfig
+from ..routing.core import RoutingStats, sum_terms
+from ..routing.registry import get_router
 from .moe import make_moe, moe_gates
-from .routing.core import RoutingStats, sum_terms
-from .routing.registry import get_router
 
 
 class LMOutput(NamedTuple):

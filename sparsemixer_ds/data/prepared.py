@@ -1,28 +1,19 @@
-"""Prepared data: its meta.json, its tokenizer, and the deterministic, resumable, rank-disjoint loader.
+"""A prepared data directory: its meta.json, its tokenizer and its token files.
 
-``prepare`` (prepare.py, re-exported here with the corpus readers) streams documents through a tokenizer
-into ``train.bin`` / ``val.bin`` (raw little-endian token ids, each document followed by the eos id) plus
-``meta.json``. A token file is read in fixed windows of T + 1 tokens: the training loader (mixture.py)
-serves them in an order that is a pure function of (seed, step, micro, rank); ``eval_batches`` takes
-the validation split's first ones.
-
-Shape legend: B micro-batch (sequences), T sequence length (tokens), W windows.
+``prepare`` (prepare.py) streams documents through a tokenizer into ``train.bin`` / ``val.bin`` (raw
+little-endian token ids, each document followed by the eos id) plus ``meta.json``; the loader
+(loader.py) reads the token files in windows.
 """
 import json
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import Optional, Union
 
 import numpy as np
-import torch
 
-from .config import ConfigError
-from .corpus import ENCODING_ERRORS, TEXT_SUFFIXES, default_corpus, iter_documents, resolve_inputs
-from .prepare import prepare
-from .tokenizer import EOS_TOKEN, TOKENIZERS, BpeTokenizer, ByteTokenizer
+from ..config import ConfigError
+from .tokenizer import TOKENIZERS, BpeTokenizer, ByteTokenizer
 
-__all__ = ["ByteTokenizer", "BpeTokenizer", "load_tokenizer", "tokenizer_record", "default_corpus", "resolve_inputs",
-           "iter_documents", "prepare", "read_meta", "model_vocab_size", "TokenFile", "open_split",
-           "eval_batches", "EOS_TOKEN", "TEXT_SUFFIXES", "ENCODING_ERRORS"]
+__all__ = ["load_tokenizer", "tokenizer_record", "read_meta", "model_vocab_size", "TokenFile", "open_split"]
 
 DTYPES = ("uint16", "uint32")
 SPLITS = ("train", "val")
@@ -130,48 +121,3 @@ def open_split(data_dir: Path, split: str) -> TokenFile:
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist; run `sparsemixer-ds prepare` to write it")
     return TokenFile(path, meta["dtype"])
-
-
-def _windows_to_batch(tokens: TokenFile, windows: np.ndarray, seq_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets of the given windows: int64 [W, T] each."""
-    return _shifted([tokens.data[w * seq_len: (w + 1) * seq_len + 1] for w in windows])
-
-
-def _shifted(rows: List[np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Windows of T + 1 tokens -> inputs and next-token targets, int64 [W, T] each."""
-    rows_WT1 = torch.from_numpy(np.stack(rows).astype(np.int64))
-    return rows_WT1[:, :-1].contiguous(), rows_WT1[:, 1:].contiguous()
-
-
-def _num_windows(tokens: TokenFile, seq_len: int) -> int:
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be an integer >= 1; got {seq_len!r}")
-    # Each window needs one token beyond its end for the last target.
-    return max(len(tokens) - 1, 0) // seq_len
-
-
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-
-
-def eval_batches(tokens: TokenFile, seq_len: int, batch: int, dp_rank: int, dp_world: int,
-                 max_batches: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's validation batches: (inputs, targets), int64 [batch, T] each, the same count on every rank.
-
-    The first ``min(N, max_batches * batch * dp_world)`` windows in file order, cut into one contiguous
-    block per rank (the remainder that would leave ranks uneven is dropped).
-    """
-    _check_positive(batch=batch, dp_world=dp_world, max_batches=max_batches)
-    if isinstance(dp_rank, bool) or not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_world:
-        raise ValueError(f"dp_rank must be an integer in 0..{dp_world - 1} (dp_world={dp_world}); got {dp_rank!r}")
-    num_windows = _num_windows(tokens, seq_len)
-    per_rank = min(num_windows, max_batches * batch * dp_world) // (batch * dp_world)
-    if per_rank == 0:
-        raise ValueError(f"the validation split {str(tokens.path)!r} has {len(tokens)} tokens = {num_windows} "
-                         f"windows of seq_len={seq_len}, fewer than batch * dp_world = {batch * dp_world}; "
-                         "raise val_fraction in prepare, or use shorter sequences or a smaller eval batch")
-    start = dp_rank * per_rank * batch
-    return [_windows_to_batch(tokens, np.arange(start + b * batch, start + (b + 1) * batch), seq_len)
-            for b in range(per_rank)]

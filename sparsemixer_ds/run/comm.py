@@ -13,7 +13,7 @@ from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
 from torch.distributed import distributed_c10d
 
-from .config import ConfigError, RunError
+from ..config import ConfigError, RunError
 
 SHM_DIR = Path("/dev/shm")
 

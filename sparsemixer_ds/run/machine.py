@@ -8,8 +8,8 @@ import os
 
 from deepspeed.accelerator import get_accelerator
 
-from .config import PRECISIONS, ConfigError, DSSettings
-from .families import MemoryEstimate
+from ..config import PRECISIONS, ConfigError, DSSettings
+from ..models.families import MemoryEstimate
 
 __all__ = ["check_precision", "rank_memory", "check_memory"]
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError
+from ..config import ConfigError
 from .stop import process_start_time
 
 __all__ = ["RunLock", "check_lock", "launch_token", "TOKEN_ENV"]
