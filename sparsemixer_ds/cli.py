@@ -62,8 +62,8 @@ def _check(args: argparse.Namespace) -> None:
     if checked.resume_tag is not None:
         from .run.rundir import RunDir
         run = RunDir(cfg.run_dir)
-        run.verified.update((state.tag, state) for state in checked.checkpoints)
-        print(run.listing(checked.resume_tag))
+        run.store.verified.update((state.tag, state) for state in checked.checkpoints)
+        print(run.store.listing(checked.resume_tag))
     if args.lock:
         from .run.runlock import RunLock, launch_token
         lock = RunLock(cfg.run_dir, launch_token(), "launch script", pid=os.getppid()).acquire()

@@ -32,7 +32,7 @@ def load_checkpoint_model(run_dir: Path, tag: Optional[str] = None) -> Tuple[tor
     (ep_size = 1), on the CPU. Family hf: AutoEP's layers, each holding every expert."""
     import deepspeed
     run = RunDir(run_dir)
-    tag = run.checkpoint(tag)
+    tag = run.store.choose(tag)
     cfg = run.saved_config()
     cfg.moe.ep_size = 1
     single_process_group()
@@ -45,7 +45,7 @@ def load_checkpoint_model(run_dir: Path, tag: Optional[str] = None) -> Tuple[tor
     if list((run.checkpoints / tag).glob("zero_pp_rank_*_mp_rank_00_model_states.pt")):
         _load_zero3_weights(engine.module, run.checkpoints / tag)
     else:
-        run.load_weights(engine, tag)
+        run.store.load_weights(engine, tag)
     return engine.module.float().cpu().eval(), cfg
 
 

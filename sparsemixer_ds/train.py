@@ -23,7 +23,7 @@ from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
-from .config import ConfigError, DSSettings, RunConfig, RunError, load_ds_config, total_steps
+from .config import ConfigError, DSSettings, RunConfig, RunError, config_dict, load_ds_config, total_steps
 from .data.loader import Mixture, check_sources, data_sources, validation_sets
 from .data.prepared import open_split
 from .models.families import InitSource, get_family
@@ -32,7 +32,9 @@ from .run.comm import discover_mpi, init_distributed
 from .run.machine import check_memory, check_precision
 from .run.metrics import Metrics, Throughput, Utilisation, all_mean
 from .run.optim import apply_schedule, make_adamw, make_schedule
-from .run.rundir import RunDir, TagState, tag_name
+from .run.checkpoints import TagState, tag_name
+from .run.resume import resume_changes
+from .run.rundir import RunDir
 from .run.runlock import RunLock, check_lock, launch_token
 from .run.stop import Stopped, StopRequest
 from .run.watchdog import Watchdog
@@ -132,15 +134,15 @@ def preflight(cfg: RunConfig, world: int, resume: Union[bool, str], init_from: O
     loaders(cfg, 0, world)
     check_lock(cfg.run_dir, launch_token())  # before the run directory's state: a running run writes it
     run = RunDir(cfg.run_dir)
-    resume_tag = run.check(cfg, resume)
-    changes = run.resume_changes(cfg, family.shape_keys, resume_tag, world) if resume_tag is not None else []
+    resume_tag = run.check(resume)
+    changes = resume_changes(run, cfg, family.shape_keys, resume_tag, world) if resume_tag is not None else []
     if resume_tag is not None:
         family.check_resume(run.checkpoints / resume_tag, run.saved_config(), cfg, ds_config, world)
     if resume_tag is not None and (not dist.is_initialized() or dist.get_rank() == 0):
-        for line in run.notes(resume_tag) + [f"--resume: {change}" for change in changes]:
+        for line in run.store.notes(resume_tag) + [f"--resume: {change}" for change in changes]:
             print(line, file=sys.stderr, flush=True)
     run.fill_monitor_paths(ds_config)
-    return Preflight(ds_config, resume_tag, tuple(run.verified.values()), tuple(changes), source)
+    return Preflight(ds_config, resume_tag, tuple(run.store.verified.values()), tuple(changes), source)
 
 
 class Trainer:
@@ -207,11 +209,11 @@ class Trainer:
         """Restore the checkpoint to resume from, if any; return the first step to run."""
         start = 0
         if resume_tag is not None:
-            start, self.skipped = self.run.restore(self.engine, self.scheduler, resume_tag, self.rank)
+            start, self.skipped = self.run.store.restore(self.engine, self.scheduler, resume_tag, self.rank)
             apply_schedule(self.scheduler)  # this run's schedule, should its length have changed
             if self.rank == 0:
-                self.run.remove_partial_checkpoints()
-                self.run.set_aside_newer(resume_tag)
+                self.run.store.remove_partial_checkpoints()
+                self.run.store.set_aside_newer(resume_tag)
             # The model as loaded, on this run's layout: comparable with the saved run's evaluation at this step.
             result = evaluate(self.engine, self.val_batches, self.cfg.train.seed, start, self.rank, self.device)
             self.metrics.write({"step": start, "resumed": True, **result})
@@ -272,7 +274,7 @@ class Trainer:
 
     def stop(self, done: int, request: StopRequest) -> None:
         """A stop was asked for: save this step (all ranks are at it) and stop with the signal's code."""
-        tags = self.run.tags()
+        tags = self.run.store.tags()
         request.deadline_note = (f"; --resume continues from {self.run.checkpoints / tags[-1]}" if tags else
                                  "; there is no checkpoint yet: start again without --resume")
         self.progress.close()
@@ -293,7 +295,8 @@ class Trainer:
             self.progress.write(f"step {done}: val_loss {result['val_loss']:.4f}  val_ppl {result['val_ppl']:.2f}")
 
     def save(self, done: int) -> None:
-        self.run.save(self.engine, self.cfg, done, done * self.tokens_per_step, self.skipped, self.rank)
+        self.run.store.save(self.engine, done, done * self.tokens_per_step, self.skipped, config_dict(self.cfg),
+                            self.cfg.checkpoint.keep, self.rank)
 
     def end_step(self, done: int) -> None:
         self.progress.update(1)
@@ -360,7 +363,7 @@ def train(cfg: RunConfig, resume: Union[bool, str] = False, init_from: Optional[
 def summary(cfg: RunConfig, last: dict) -> str:
     run = RunDir(cfg.run_dir)
     lines = [f"run directory: {run.path}",
-             f"checkpoints:   {run.checkpoints} (latest: {run.tags()[-1]})",
+             f"checkpoints:   {run.checkpoints} (latest: {run.store.tags()[-1]})",
              f"metrics:       {run.metrics}"]
     if cfg.logging.plot:
         lines.append(f"plot:          {run.plot}")

@@ -18,7 +18,8 @@ from test_train import assert_resumed_as_uninterrupted, cli, launch
 from sparsemixer_ds import cli as sparsemixer_cli
 from sparsemixer_ds.config import ConfigError
 from sparsemixer_ds.export import load_export
-from sparsemixer_ds.run.rundir import COMPLETE, RunDir
+from sparsemixer_ds.run.checkpoints import COMPLETE
+from sparsemixer_ds.run.rundir import RunDir
 
 # Twelve steps, a checkpoint every two (all kept) and an evaluation at each, so any tag can be resumed
 # and compared with what the uninterrupted run logged there.
@@ -88,7 +89,7 @@ def check(capsys, run_dir, corpus, *extra):
 
 def test_every_file_of_a_checkpoint_is_recorded_with_its_size_and_sha256(intact_run):
     run = RunDir(intact_run)
-    assert run.tags() == [f"step_{step:08d}" for step in range(2, 13, 2)]
+    assert run.store.tags() == [f"step_{step:08d}" for step in range(2, 13, 2)]
     tag = run.checkpoints / NEWEST
     record = json.loads((tag / COMPLETE).read_text())
     assert (record["step"], record["tokens"]) == (12, 12 * 4 * 2 * 32)
@@ -97,7 +98,7 @@ def test_every_file_of_a_checkpoint_is_recorded_with_its_size_and_sha256(intact_
     for name in files:
         data = (tag / name).read_bytes()
         assert record["files"][name] == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    assert [state.state for state in run.states()] == ["intact"] * 6
+    assert [state.state for state in run.store.states()] == ["intact"] * 6
 
 
 @pytest.mark.parametrize("kind", DAMAGE)
@@ -128,7 +129,7 @@ def test_an_old_marker_is_resumed_unverified_and_no_intact_checkpoint_is_one_lin
     assert f"note: {NEWEST} is taken unverified: its marker was written before markers held checksums\n" in err
     assert "WARNING" not in err
     shutil.copy(intact_run / "checkpoints" / NEWEST / COMPLETE, run_dir / "checkpoints" / NEWEST / COMPLETE)
-    for tag in RunDir(run_dir).tags():
+    for tag in RunDir(run_dir).store.tags():
         delete(run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt")
     (run_dir / "checkpoints" / "step_00000014").mkdir()  # an interrupted save
     code, out, err = check(capsys, run_dir, corpus, "--resume")
@@ -157,7 +158,7 @@ def test_resume_passes_over_each_kind_of_damage_and_repeats_the_uninterrupted_ru
         assert (run_dir / "checkpoints" / f"{tag}.set-aside" / name).exists() == (kind != "deleted optimizer shard")
     assert_resumed_as_uninterrupted(run_dir, intact_run, 2)
     run = RunDir(run_dir)
-    assert [state.describe() for state in run.states()] == ["intact"] * 6, "saved anew, whole"
+    assert [state.describe() for state in run.store.states()] == ["intact"] * 6, "saved anew, whole"
 
 
 def test_resume_tag_of_a_damaged_checkpoint_stops_every_rank_with_one_line(tmp_path, corpus, intact_run):

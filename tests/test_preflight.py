@@ -8,7 +8,8 @@ import pytest
 from conftest import REPO, TINY
 
 from sparsemixer_ds.config import ConfigError, dump_yaml, load_config
-from sparsemixer_ds.run.rundir import COMPLETE, RunDir
+from sparsemixer_ds.run.checkpoints import COMPLETE
+from sparsemixer_ds.run.rundir import RunDir
 from sparsemixer_ds.train import preflight
 
 
@@ -80,7 +81,7 @@ def test_resume_refuses_checkpoints_of_another_model_shape(tmp_path, corpus):
 
 def test_fresh_start_refuses_a_used_run_dir_and_resume_skips_partial_checkpoints(tmp_path, corpus):
     fake_run(tmp_path / "run", config(tmp_path, corpus, "model.vocab_size=257"), complete=False)
-    assert RunDir(tmp_path / "run").tags() == [], "no COMPLETE marker, no checkpoint"
+    assert RunDir(tmp_path / "run").store.tags() == [], "no COMPLETE marker, no checkpoint"
     with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
         preflight(config(tmp_path, corpus), world=2, resume=False)
     with pytest.raises(ConfigError, match="has no checkpoint to resume from"):

@@ -125,7 +125,7 @@ def test_a_rank_killed_while_saving_resumes_to_the_uninterrupted_result(tmp_path
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
     assert not (saving / "COMPLETE").exists(), "killed mid-save: the tag is there, unmarked"
-    assert RunDir(run_dir).tags() == ["step_00000004"]
+    assert RunDir(run_dir).store.tags() == ["step_00000004"]
     logged = max(m["step"] for m in run_metrics(run_dir))
     proc = launch(run_dir, corpus, *FINISHED, resume=True)
     assert f"removing {saving}: an interrupted save" in proc.stderr
@@ -170,7 +170,7 @@ def test_a_full_disk_fails_the_save_and_keeps_the_last_checkpoint(tmp_path, corp
         failed = str(run_dir / "checkpoints" / "step_00000008")
         assert f"could not write checkpoint {failed}" in proc.stderr, proc.stderr[-3000:]
         assert "The checkpoints saved before are intact (step_00000004) and --resume continues" in proc.stderr
-        assert RunDir(run_dir).tags() == ["step_00000004"]
+        assert RunDir(run_dir).store.tags() == ["step_00000004"]
         assert not (run_dir / "checkpoints" / "step_00000008" / "COMPLETE").exists()
         # The checkpoint that was kept is whole: on a disk with room, --resume finishes the run.
         moved = tmp_path / "moved"
