@@ -103,3 +103,18 @@ def test_the_command_s_help_prints_no_deepspeed_line():
     proc = run_quietly(f"import subprocess; subprocess.run([{os.path.join(bin_dir, 'sparsemixer-ds')!r}, '--help'])")
     assert proc.returncode == 0 and "usage: sparsemixer-ds" in proc.stdout
     assert "accelerator" not in proc.stdout + proc.stderr and "DeepSpeed" not in proc.stderr, proc.stderr
+
+
+def test_the_public_names_import_from_where_the_readme_shows_them():
+    readme = (REPO / "README.md").read_text()
+    for line in ("from sparsemixer_ds import sparsemixer, SparseMixerGate, SparseMixerMoE, convert",
+                 "from sparsemixer_ds import autoep"):
+        assert line in readme, line
+    from sparsemixer_ds import SparseMixerGate as gate_class
+    from sparsemixer_ds import SparseMixerMoE, convert, sparsemixer
+    from sparsemixer_ds import autoep as autoep_module
+    from sparsemixer_ds.models import moe
+    from sparsemixer_ds.routing import estimator
+    assert (gate_class, SparseMixerMoE, convert) == (moe.SparseMixerGate, moe.SparseMixerMoE, moe.convert)
+    assert sparsemixer is estimator.sparsemixer and autoep_module is autoep
+    assert autoep_module.use_sparsemixer is __import__("sparsemixer_ds").use_sparsemixer
