@@ -321,6 +321,27 @@ def test_an_export_written_by_earlier_code_loads_and_computes_what_it_did():
     assert sampled.endswith("import \n                             s_'ae(eeeT\n")
 
 
+# A run directory written with the code of commit fc38952, before the package moved into folders and the router
+# core: the tiny model (TINY with moe.moe_every=1, ep_size 2) trained 4 steps on 2 ranks on its own small corpus
+# (data/, six stdlib files), its step-2 checkpoint kept and metrics.jsonl as the uninterrupted run logged it.
+OLD_RUN = REPO / "tests" / "fixtures" / "run-fc38952"
+
+
+def test_a_checkpoint_saved_by_earlier_code_resumes_as_the_run_went_on(tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(OLD_RUN, run_dir, ignore=shutil.ignore_patterns("data"))
+    data = OLD_RUN / "data"
+    saved = (run_dir / "config.yaml").read_text()
+    (run_dir / "config.yaml").write_text(saved.replace("path: /tmp/fx/data", f"path: {data}"))  # where it is here
+    cmd = ["bash", str(REPO / "launch" / "local.sh"), "--nproc", "2", "--master-port", str(free_port()),
+           "--config", str(run_dir / "config.yaml"), "--", "--set", f"run_dir={run_dir}", "--set",
+           "logging.plot=false", "--resume"]
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_resumed_as_uninterrupted(run_dir, OLD_RUN, 2)
+    assert [m["step"] for m in run_metrics(run_dir) if "loss" in m][-2:] == [3, 4]
+
+
 def check_resume(run_dir, corpus, *overrides):
     return subprocess.run([sys.executable, "-m", "sparsemixer_ds.cli", "check", "--world-size", "2", "--resume",
                            "--config", str(REPO / "configs" / "cpu_small.yaml"), "--set", f"run_dir={run_dir}",
