@@ -46,12 +46,16 @@ system-deps:
 	  echo "not installing $$missing (needs root and apt-get): the launch tests that need them skip, saying so"; \
 	fi
 
+# Two workers, a test file each at a time (a file's fixtures are built once, its tests run in order): a launched
+# job keeps 2 cores busy only part of the time (start-up, barriers, waits), so two files share the machine well.
+TEST_WORKERS ?= 2
 test: setup system-deps
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
-# For iterating: the tests that start no process (the estimator, gates, model, configs, data, pre-flight).
-FAST_TESTS := tests/test_routing.py tests/test_gate.py tests/test_model.py tests/test_config.py tests/test_data.py \
-  tests/test_preflight.py
+# For iterating: the tests that start no training job (the estimator, the router core, gates, model, configs,
+# data, pre-flight).
+FAST_TESTS := tests/test_routing.py tests/test_router_core.py tests/test_gate.py tests/test_model.py \
+  tests/test_config.py tests/test_data.py tests/test_preflight.py
 test-fast: setup
 	$(BIN)/python -m pytest -q $(FAST_TESTS)
 

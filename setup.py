@@ -31,6 +31,7 @@ setup(
     entry_points={"console_scripts": ["sparsemixer-ds = sparsemixer_ds.cli:main"]},
     extras_require={
         "mpi": ["mpi4py>=4.0", "openmpi>=5.0"],
-        "test": ["pytest>=8.0"],
+        # pytest-xdist: make test runs the test files on two workers (launched jobs leave the cores half idle).
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
     },
 )

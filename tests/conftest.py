@@ -17,6 +17,19 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 
+# The files with the most work, first: `make test` hands whole files to two workers (pytest-xdist, --dist
+# loadfile) in collection order, and a long file left for last would run alone while the other worker idles.
+LONGEST_FIRST = ("test_train.py", "test_launch.py", "test_benchmarks.py", "test_hf_family.py", "test_hf_checkpoint.py",
+                 "test_stall.py", "test_autoep.py", "test_integrity.py", "test_launch_slurm.py", "test_errors.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+    items.sort(key=rank)  # stable: each file's tests keep their order
+
+
 # Where a job's ranks meet. A test that made a world of one in this process (an in-process export, say) left
 # them in os.environ, with the port held by this process: a job inheriting them would find its port taken.
 RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE")
