@@ -325,14 +325,14 @@ def test_an_export_written_by_earlier_code_loads_and_computes_what_it_did():
 
 # A run directory written with the code of commit fc38952, before the package moved into folders and the router
 # core: the tiny model (TINY with moe.moe_every=1, ep_size 2) trained 4 steps on 2 ranks on its own small corpus
-# (data/, six stdlib files), its step-2 checkpoint kept and metrics.jsonl as the uninterrupted run logged it.
+# (corpus/, six stdlib files), its step-2 checkpoint kept and metrics.jsonl as the uninterrupted run logged it.
 OLD_RUN = REPO / "tests" / "fixtures" / "run-fc38952"
 
 
 def test_a_checkpoint_saved_by_earlier_code_resumes_as_the_run_went_on(tmp_path):
     run_dir = tmp_path / "run"
-    shutil.copytree(OLD_RUN, run_dir, ignore=shutil.ignore_patterns("data"))
-    data = OLD_RUN / "data"
+    shutil.copytree(OLD_RUN, run_dir, ignore=shutil.ignore_patterns("corpus"))
+    data = OLD_RUN / "corpus"
     saved = (run_dir / "config.yaml").read_text()
     (run_dir / "config.yaml").write_text(saved.replace("path: /tmp/fx/data", f"path: {data}"))  # where it is here
     cmd = ["bash", str(REPO / "launch" / "local.sh"), "--nproc", "2", "--master-port", str(free_port()),
