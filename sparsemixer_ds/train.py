@@ -3,9 +3,10 @@
 Run under a launcher (``sparsemixer-ds train`` on every rank). All randomness of a step (its batches,
 routing draws, dropout) is a pure function of (seed, step, micro-step, rank), so a resumed run repeats
 exactly what an uninterrupted one would have done, and nothing but the step needs restoring besides
-DeepSpeed's own state. The parts each live in a module of their own: the model (families.py), the
-optimizer and its schedule (optim.py), the run directory and checkpoints (rundir.py), metrics
-(metrics.py), the process group (comm.py), the data and its checks (data.py).
+DeepSpeed's own state. The parts each live in a module of their own: the model (models/families.py), the
+optimizer and its schedule (run/optim.py), the run directory (run/rundir.py), its checkpoints
+(run/checkpoints.py) and what a resume may change (run/resume.py), metrics (run/metrics.py), the process
+group (run/comm.py), the data and its checks (data/loader.py, data/prepared.py).
 """
 import math
 import os
