@@ -278,7 +278,7 @@ def test_only_the_first_of_tied_maxima_is_exempt_from_the_coin(kind, num_experts
     (the references' argmax: SparseMixer v1, v2 and HF PhiMoE take torch.max's index): every weight
     against a float64 reference, with the coins the estimator drew replayed from the seed."""
     c_low, q, _, _ = SPEC[estimator]
-    tokens = 30000
+    tokens = 30000 if kind == "bf16" else 4000  # bf16 rows tie at the maximum in about 1% of tokens
     logits = tied_rows(kind, tokens, num_experts)
     torch.manual_seed(12)
     experts, weights = sparsemixer(logits, top_k=top_k, estimator=estimator, impl=impl)
