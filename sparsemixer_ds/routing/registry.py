@@ -49,6 +49,10 @@ def _check_number(name: str, value, usual: str) -> None:
         raise RouterOptionError(f"{name} must be a finite number >= 0 ({usual}); got {value!r}")
 
 
+def _unknown_estimator(estimator) -> RouterOptionError:
+    return RouterOptionError(f"estimator must be one of {', '.join(ESTIMATORS)}; got {estimator!r}")
+
+
 def check_top_k(top_k, num_experts: int, name: str = "top_k") -> None:
     """Refuse a top_k that is not an integer in 1..num_experts."""
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
@@ -71,9 +75,9 @@ class RouterOptions:
 
     @property
     def rule(self) -> EstimatorRule:
+        """The estimator's rule; a RouterOptionError for an unknown estimator or a baseline's None."""
         if self.estimator not in ESTIMATORS:
-            raise RouterOptionError(f"estimator must be one of {', '.join(ESTIMATORS)} for a SparseMixer router; "
-                                    f"got {self.estimator!r}")
+            raise _unknown_estimator(self.estimator)
         return ESTIMATORS[self.estimator]
 
     @property
@@ -83,8 +87,8 @@ class RouterOptions:
 
     def check(self) -> "RouterOptions":
         """Refuse options no router can honour, naming the option, the value and the fix; returns self."""
-        if self.estimator is not None:
-            self.rule  # noqa: B018  (refuses an unknown estimator)
+        if self.estimator is not None and self.estimator not in ESTIMATORS:
+            raise _unknown_estimator(self.estimator)
         _check_number("jitter_eps", self.jitter_eps, "the paper uses 0.1, PhiMoE 0.01")
         _check_number("input_jitter", self.input_jitter, "0: none")
         if self.input_jitter >= 1:
