@@ -49,8 +49,10 @@ system-deps:
 # Two workers, a test file each at a time (a file's fixtures are built once, its tests run in order): a launched
 # job keeps 2 cores busy only part of the time (start-up, barriers, waits), so two files share the machine well.
 TEST_WORKERS ?= 2
+# Tests marked "alone" (one that stops jobs it does not own) run after the rest, by themselves.
 test: setup system-deps
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 -m "not alone" tests
+	$(BIN)/python -m pytest -q -m alone tests
 
 # For iterating: the tests that start no training job (the estimator, the router core, gates, model, configs,
 # data, pre-flight).

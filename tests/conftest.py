@@ -23,6 +23,10 @@ LONGEST_FIRST = ("test_train.py", "test_launch.py", "test_benchmarks.py", "test_
                  "test_stall.py", "test_autoep.py", "test_integrity.py", "test_launch_slurm.py", "test_errors.py")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "alone: runs with no other test beside it (make test runs these after the rest)")
+
+
 def pytest_collection_modifyitems(items):
     def rank(item):
         name = item.path.name
