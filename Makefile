@@ -46,9 +46,10 @@ system-deps:
 	  echo "not installing $$missing (needs root and apt-get): the launch tests that need them skip, saying so"; \
 	fi
 
-# Two workers, a test file each at a time (a file's fixtures are built once, its tests run in order): a launched
-# job keeps 2 cores busy only part of the time (start-up, barriers, waits), so two files share the machine well.
-TEST_WORKERS ?= 2
+# Three workers, a test file each at a time (a file's fixtures are built once, its tests run in order): a launched
+# job keeps 2 cores busy only part of the time (start-up, barriers, waits); with two workers the suite kept 1.75 of
+# this machine's 2 cores busy, and a third file fills the gaps.
+TEST_WORKERS ?= 3
 # Tests marked "alone" (one that stops jobs it does not own) run after the rest, by themselves.
 test: setup system-deps
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 -m "not alone" tests

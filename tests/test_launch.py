@@ -305,7 +305,7 @@ def test_sigterm_to_any_launch_saves_a_checkpoint_and_ends_every_rank(tmp_path, 
 
 
 def test_a_preempted_run_resumes_to_the_uninterrupted_result(tmp_path, corpus):
-    steps = ["train.steps=60", "checkpoint.interval=0", "eval.interval=20", "logging.plot=false"]
+    steps = ["train.steps=30", "checkpoint.interval=0", "eval.interval=10", "logging.plot=false"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     local = script("local.sh") + ["--nproc", "2", "--master-port"]
     proc = run(local + [str(free_port()), "--", *set_args(f"run_dir={full}", f"data.path={corpus}", *steps)])
@@ -320,7 +320,7 @@ def test_a_preempted_run_resumes_to_the_uninterrupted_result(tmp_path, corpus):
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
     at = run_metrics(cut)[-1]["step"]
-    assert at < 60, "stopped before the end"
+    assert at < 30, "stopped before the end"
     proc = run(local + [str(free_port()), "--", *set_args(f"run_dir={cut}", f"data.path={corpus}", *steps),
                         "--resume"])
     assert proc.returncode == 0, proc.stderr[-3000:]
